@@ -1,0 +1,38 @@
+"""Registry bookkeeping the workflow asks for: open a run, mark session states, close it."""
+
+from __future__ import annotations
+
+import asyncio
+
+from temporalio import activity
+from temporalio.exceptions import ApplicationError
+
+from relay.models import ROLES, OpenSpecInput, OpenSpecResult, SessionRef, SessionStateInput
+from relay.registry import Registry, SpecConflict
+
+
+class RegistryActivities:
+    def __init__(self, registry: Registry) -> None:
+        self.registry = registry
+
+    @activity.defn(name="open_spec")
+    async def open_spec(self, inp: OpenSpecInput) -> OpenSpecResult:
+        """Record the run (iteration number, idempotent per run id) and resolve all five sessions."""
+        try:
+            spec = await asyncio.to_thread(
+                self.registry.open_spec, inp.spec_id, inp.run_id, inp.request, inp.iterate)
+        except SpecConflict as exc:
+            raise ApplicationError(str(exc), type="SpecConflict", non_retryable=True) from None
+        refs = []
+        for role in ROLES:
+            session, _ = await asyncio.to_thread(self.registry.resolve_session, inp.spec_id, role)
+            refs.append(SessionRef(role=role, session_id=session.id, name=session.name,
+                                   state=session.status, turns=session.turns))
+        return OpenSpecResult(spec_id=spec.spec_id, iteration=spec.iteration,
+                              original_request=spec.request, sessions=refs)
+
+    @activity.defn(name="set_session_states")
+    async def set_session_states(self, inp: SessionStateInput) -> None:
+        await asyncio.to_thread(self.registry.set_status, inp.spec_id, inp.roles, inp.state)
+        if inp.spec_status is not None:
+            await asyncio.to_thread(self.registry.close_spec, inp.spec_id, inp.spec_status, inp.outcome)

@@ -1,0 +1,269 @@
+"""RelayClient: the typed Python face of everything the CLI does.
+
+Temporal carries the workflow (start, answer, status, cancel); the registry
+carries the conversations (sessions, history). Every failure a person can
+cause surfaces as a RelayError subclass with a one-line message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import uuid
+from collections.abc import Mapping
+from datetime import timedelta
+from typing import Any
+
+from temporalio.client import (
+    Client,
+    WorkflowExecutionStatus as ExecStatus,
+    WorkflowFailureError,
+    WorkflowHandle,
+    WorkflowUpdateFailedError,
+)
+from temporalio.common import WorkflowIDReusePolicy
+from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.exceptions import WorkflowAlreadyStartedError
+from temporalio.service import RPCError, RPCStatusCode
+
+from relay.models import (
+    WORKFLOW_TYPE, AnswerAck, AnswerInput, Limits, PipelineResult, Role, SpecInput, Status,
+)
+from relay.registry import AgentSession, Registry, SessionMessage
+from relay.settings import RelaySettings
+
+SPEC_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
+
+
+class RelayError(Exception):
+    """A failure the caller can act on; its message is one line."""
+
+
+class InvalidRequest(RelayError):
+    pass
+
+
+class SpecNotFound(RelayError):
+    pass
+
+
+class SpecAlreadyExists(RelayError):
+    pass
+
+
+class SpecAlreadyRunning(SpecAlreadyExists):
+    pass
+
+
+class SpecNotRunning(RelayError):
+    pass
+
+
+class InvalidAnswer(RelayError):
+    pass
+
+
+class TemporalUnreachable(RelayError):
+    pass
+
+
+class SpecFailed(RelayError):
+    pass
+
+
+def new_spec_id() -> str:
+    return f"spec-{uuid.uuid4().hex[:10]}"
+
+
+def check_request(text: str, max_bytes: int) -> str:
+    if not text or not text.strip():
+        raise InvalidRequest("the request is empty")
+    size = len(text.encode("utf-8"))
+    if size > max_bytes:
+        raise InvalidRequest(f"the request is {size} bytes; the limit is {max_bytes} bytes "
+                             "(RELAY_MAX_REQUEST_BYTES)")
+    return text
+
+
+def check_spec_id(spec_id: str) -> str:
+    if not SPEC_ID.match(spec_id or ""):
+        raise InvalidRequest(f"invalid spec id {spec_id!r}: use 1-200 letters, digits, '.', '_' "
+                             "or '-', starting with a letter or digit")
+    return spec_id
+
+
+class RelayClient:
+    def __init__(self, client: Client, settings: RelaySettings | None = None,
+                 registry: Registry | None = None) -> None:
+        self.temporal = client
+        self.settings = settings or RelaySettings()
+        self._registry = registry
+
+    @classmethod
+    async def connect(cls, settings: RelaySettings | None = None, *,
+                      address: str | None = None) -> RelayClient:
+        settings = settings or RelaySettings()
+        target = address or settings.temporal_address
+        try:
+            client = await asyncio.wait_for(
+                Client.connect(target, namespace=settings.namespace,
+                               data_converter=pydantic_data_converter), timeout=15)
+        except (RuntimeError, OSError, asyncio.TimeoutError) as exc:
+            raise TemporalUnreachable(f"cannot reach Temporal at {target}: "
+                                      f"{_one_line(str(exc)) or 'timed out'}") from None
+        return cls(client, settings)
+
+    @property
+    def registry(self) -> Registry:
+        if self._registry is None:
+            self._registry = Registry.from_url(self.settings.registry_url())
+        return self._registry
+
+    def _handle(self, spec_id: str, run_id: str | None = None) -> WorkflowHandle[Any, PipelineResult]:
+        return self.temporal.get_workflow_handle(spec_id, run_id=run_id, result_type=PipelineResult)
+
+    # --- starting ------------------------------------------------------------------
+
+    async def run(self, request: str, *, spec_id: str | None = None,
+                  limits: Limits | None = None) -> str:
+        """Start a new spec; returns its id (the workflow id)."""
+        limits = limits or self.settings.limits()
+        check_request(request, limits.max_request_bytes)
+        spec_id = check_spec_id(spec_id) if spec_id else new_spec_id()
+        try:
+            await self.temporal.start_workflow(
+                WORKFLOW_TYPE, SpecInput(request=request, limits=limits), id=spec_id,
+                task_queue=self.settings.task_queue,
+                id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
+                static_summary=f"relay spec {spec_id}")
+        except WorkflowAlreadyStartedError:
+            if await self._is_running(spec_id):
+                raise SpecAlreadyRunning(f"spec {spec_id} is already running") from None
+            raise SpecAlreadyExists(f"spec {spec_id} already exists; use 'relay iterate {spec_id} "
+                                    "\"change request\"' for its next iteration") from None
+        except RPCError as exc:
+            raise _rpc_error(exc, spec_id) from None
+        return spec_id
+
+    async def iterate(self, spec_id: str, change_request: str, *,
+                      limits: Limits | None = None) -> str:
+        """Start the next iteration of a finished spec; all five agents resume their sessions."""
+        limits = limits or self.settings.limits()
+        check_request(change_request, limits.max_request_bytes)
+        desc = await self._describe(spec_id)
+        if desc.status == ExecStatus.RUNNING:
+            raise SpecAlreadyRunning(f"spec {spec_id} is still running; wait for it or cancel it first")
+        try:
+            handle = await self.temporal.start_workflow(
+                WORKFLOW_TYPE, SpecInput(request=change_request, iterate=True, limits=limits),
+                id=spec_id, task_queue=self.settings.task_queue,
+                id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE,
+                static_summary=f"relay spec {spec_id} (iteration)")
+        except WorkflowAlreadyStartedError:
+            raise SpecAlreadyRunning(f"spec {spec_id} is already running") from None
+        except RPCError as exc:
+            raise _rpc_error(exc, spec_id) from None
+        return handle.result_run_id or ""
+
+    # --- people in the loop ----------------------------------------------------------
+
+    async def answer(self, spec_id: str, answers: Mapping[str, str]) -> AnswerAck:
+        """Answer the clarifier's pending questions; rejected at once if they do not fit."""
+        try:
+            payload = AnswerInput(answers=dict(answers))
+        except ValueError as exc:
+            raise InvalidAnswer(f"answers must map question ids to text: {_one_line(str(exc))}") from None
+        try:
+            return await self._handle(spec_id).execute_update(
+                "answer", payload, result_type=AnswerAck, rpc_timeout=timedelta(seconds=30))
+        except WorkflowUpdateFailedError as exc:
+            cause = exc.cause
+            raise InvalidAnswer(f"answer rejected: {getattr(cause, 'message', None) or cause}") from None
+        except RPCError as exc:
+            raise _rpc_error(exc, spec_id) from None
+
+    async def cancel(self, spec_id: str) -> None:
+        await self._require_running(spec_id)
+        try:
+            await self._handle(spec_id).cancel()
+        except RPCError as exc:
+            raise _rpc_error(exc, spec_id) from None
+
+    # --- reading state -------------------------------------------------------------------
+
+    async def status(self, spec_id: str) -> Status:
+        try:
+            return await self._handle(spec_id).query(
+                "status", result_type=Status, rpc_timeout=timedelta(seconds=20))
+        except RPCError as exc:
+            raise _rpc_error(exc, spec_id) from None
+
+    async def result(self, spec_id: str) -> PipelineResult:
+        """Wait for the current run to finish; raises SpecFailed with the reason if it failed."""
+        try:
+            return await self._handle(spec_id).result()
+        except WorkflowFailureError as exc:
+            cause = exc.cause
+            reason = getattr(cause, "message", None) or str(cause)
+            raise SpecFailed(f"spec {spec_id} {_status_word(cause)}: {_one_line(reason)}") from None
+        except RPCError as exc:
+            raise _rpc_error(exc, spec_id) from None
+
+    def sessions(self, spec_id: str) -> list[AgentSession]:
+        rows = self.registry.sessions(spec_id)
+        if not rows and self.registry.spec(spec_id) is None:
+            raise SpecNotFound(f"unknown spec {spec_id!r} in the registry")
+        return rows
+
+    def history(self, spec_id: str, role: Role | str) -> tuple[AgentSession, list[SessionMessage]]:
+        try:
+            role = Role(role)
+        except ValueError:
+            raise InvalidRequest(f"unknown role {role!r}; roles: "
+                                 + ", ".join(r.value for r in Role)) from None
+        session = self.registry.find_session(spec_id, role)
+        if session is None:
+            self.sessions(spec_id)  # raises SpecNotFound for an unknown spec
+            raise SpecNotFound(f"spec {spec_id} has no {role.value} session yet")
+        return session, self.registry.messages(session.id)
+
+    def orchestration_state(self, spec_id: str) -> dict[str, dict[str, Any]]:
+        self.sessions(spec_id)
+        return self.registry.orchestration_state(spec_id)
+
+    # --- helpers -----------------------------------------------------------------------------
+
+    async def _describe(self, spec_id: str) -> Any:
+        try:
+            return await self._handle(spec_id).describe()
+        except RPCError as exc:
+            raise _rpc_error(exc, spec_id) from None
+
+    async def _is_running(self, spec_id: str) -> bool:
+        return (await self._describe(spec_id)).status == ExecStatus.RUNNING
+
+    async def _require_running(self, spec_id: str) -> None:
+        desc = await self._describe(spec_id)
+        if desc.status != ExecStatus.RUNNING:
+            raise SpecNotRunning(f"spec {spec_id} is not running ({desc.status.name.lower()})")
+
+
+def _rpc_error(exc: RPCError, spec_id: str) -> RelayError:
+    if exc.status == RPCStatusCode.NOT_FOUND:
+        if "already completed" in exc.message or "closed" in exc.message:
+            return SpecNotRunning(f"spec {spec_id} is not running any more")
+        return SpecNotFound(f"unknown spec {spec_id!r}")
+    if exc.status == RPCStatusCode.UNAVAILABLE:
+        return TemporalUnreachable(f"Temporal is unreachable: {_one_line(exc.message)}")
+    if exc.status == RPCStatusCode.DEADLINE_EXCEEDED:
+        return RelayError(f"Temporal did not answer in time for spec {spec_id} "
+                          "(is a relay worker running?)")
+    return RelayError(f"Temporal refused the call for spec {spec_id}: {_one_line(exc.message)}")
+
+
+def _status_word(cause: object) -> str:
+    return "was cancelled" if type(cause).__name__ == "CancelledError" else "failed"
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())[:500]

@@ -1,0 +1,272 @@
+"""Contracts shared by the workflow, the activities, the client and the scripted model.
+
+Pure pydantic, no I/O and no clock/uuid default factories: workflows build these
+models, and the sandbox would not catch a non-deterministic default here.
+Every field added later must carry a default so running workflows keep decoding.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+WORKFLOW_TYPE = "SpecPipeline"
+PHASE_SEARCH_ATTRIBUTE = "RelayPhase"
+SCRIPTED_MODEL_PREFIX = "relay-scripted"
+
+
+class Role(str, Enum):
+    clarifier = "clarifier"
+    planner = "planner"
+    auditor = "auditor"
+    constructor = "constructor"
+    validator = "validator"
+
+
+ROLES: tuple[Role, ...] = tuple(Role)
+
+
+def is_scripted(model: str | None) -> bool:
+    return bool(model) and model.startswith(SCRIPTED_MODEL_PREFIX)  # type: ignore[union-attr]
+
+
+# --- structured outputs of the five agents (the forced tool's input schema) ---
+
+
+class Question(BaseModel):
+    id: str = Field(description="Short stable id, e.g. q1")
+    text: str = Field(min_length=1)
+
+
+class Clarification(BaseModel):
+    """Clarifier: either questions for the human, or the clarified spec."""
+
+    questions: list[Question] = Field(default_factory=list)
+    clarified_spec: str | None = Field(
+        default=None, description="The complete clarified spec; null while questions remain"
+    )
+
+    @field_validator("questions")
+    @classmethod
+    def _unique_ids(cls, qs: list[Question]) -> list[Question]:
+        ids = [q.id for q in qs]
+        if len(ids) != len(set(ids)):
+            raise ValueError("question ids must be unique")
+        return qs
+
+    def model_post_init(self, _ctx: object) -> None:
+        if not self.questions and not (self.clarified_spec or "").strip():
+            raise ValueError("give either questions or a non-empty clarified_spec")
+
+
+class Plan(BaseModel):
+    summary: str = Field(min_length=1)
+    steps: list[str] = Field(min_length=1)
+
+
+class Audit(BaseModel):
+    approved: bool
+    findings: list[str] = Field(default_factory=list)
+
+
+class FileChange(BaseModel):
+    path: str = Field(min_length=1)
+    content: str
+
+
+class Change(BaseModel):
+    summary: str = Field(min_length=1)
+    files: list[FileChange] = Field(default_factory=list)
+
+
+class Validation(BaseModel):
+    approved: bool
+    failures: list[str] = Field(default_factory=list)
+
+
+OUTPUT_MODELS: dict[Role, type[BaseModel]] = {
+    Role.clarifier: Clarification,
+    Role.planner: Plan,
+    Role.auditor: Audit,
+    Role.constructor: Change,
+    Role.validator: Validation,
+}
+
+# Tool names are part of the wire contract with models (and the scripted model).
+OUTPUT_TOOLS: dict[Role, str] = {
+    Role.clarifier: "submit_clarification",
+    Role.planner: "submit_plan",
+    Role.auditor: "submit_audit",
+    Role.constructor: "submit_change",
+    Role.validator: "submit_validation",
+}
+ROLE_BY_TOOL: dict[str, Role] = {v: k for k, v in OUTPUT_TOOLS.items()}
+
+
+# --- workflow input / human input -------------------------------------------
+
+
+class Limits(BaseModel):
+    """Bounds of one run. The client fills them from settings; raw JSON may omit them."""
+
+    max_request_bytes: int = Field(default=200_000, ge=1)
+    max_clarify_rounds: int = Field(default=3, ge=1)
+    max_audit_rounds: int = Field(default=3, ge=1)
+    max_fix_rounds: int = Field(default=3, ge=1)
+    answer_timeout_s: float | None = Field(default=None, gt=0)
+    model_max_attempts: int = Field(default=6, ge=1)
+    turn_timeout_s: float = Field(default=600, gt=0)
+    heartbeat_timeout_s: float = Field(default=60, gt=0)
+
+
+class SpecInput(BaseModel):
+    """Input of the SpecPipeline workflow. Plain JSON: {"request": "..."}."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    request: str = Field(description="The request (first run) or the change request (iterate)")
+    iterate: bool = Field(default=False, description="Next iteration of an existing spec")
+    limits: Limits = Field(default_factory=Limits)
+
+
+class AnswerInput(BaseModel):
+    """Answers to the clarifier's pending questions, by question id."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    answers: dict[str, str]
+
+
+class AnswerAck(BaseModel):
+    accepted: list[str]
+    round: int
+
+
+# --- activity contracts ---------------------------------------------------------
+
+
+class TokenUsage(BaseModel):
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cache_read_input_tokens: int = 0
+    cache_creation_input_tokens: int = 0
+
+    def __add__(self, other: TokenUsage) -> TokenUsage:
+        return TokenUsage(
+            input_tokens=self.input_tokens + other.input_tokens,
+            output_tokens=self.output_tokens + other.output_tokens,
+            cache_read_input_tokens=self.cache_read_input_tokens + other.cache_read_input_tokens,
+            cache_creation_input_tokens=self.cache_creation_input_tokens
+            + other.cache_creation_input_tokens,
+        )
+
+
+class SessionRef(BaseModel):
+    role: Role
+    session_id: str
+    name: str
+    state: str = "idle"
+    turns: int = 0
+
+
+class OpenSpecInput(BaseModel):
+    spec_id: str
+    run_id: str
+    request: str
+    iterate: bool = False
+
+
+class OpenSpecResult(BaseModel):
+    spec_id: str
+    iteration: int
+    original_request: str
+    sessions: list[SessionRef]
+
+
+# Kinds of user turn; each has a template file per role under relay/prompts/.
+TurnKind = Literal[
+    "clarify", "answers", "finalize", "iterate",
+    "plan", "revise", "audit", "construct", "fix", "validate",
+]
+
+
+class AgentTurnInput(BaseModel):
+    spec_id: str
+    role: Role
+    turn: int = Field(ge=1, description="Turn number within the role's session; the idempotency key")
+    kind: TurnKind
+    variables: dict[str, str] = Field(default_factory=dict)
+
+
+class AgentTurnResult(BaseModel):
+    session_id: str
+    session_name: str
+    turn: int
+    output: dict
+    model: str
+    source: str = "primary"
+    trust: str = "full"
+    usage: TokenUsage = Field(default_factory=TokenUsage)
+    replayed: bool = Field(default=False, description="Served from the registry, model not called")
+    repaired: bool = False
+
+
+class SessionStateInput(BaseModel):
+    spec_id: str
+    state: str
+    roles: list[Role] = Field(default_factory=lambda: list(ROLES))
+    spec_status: str | None = None
+    outcome: str | None = None
+
+
+# --- query / result -------------------------------------------------------------
+
+
+class Phase(str, Enum):
+    starting = "starting"
+    clarifying = "clarifying"
+    waiting_for_answers = "waiting_for_answers"
+    planning = "planning"
+    auditing = "auditing"
+    constructing = "constructing"
+    validating = "validating"
+    completed = "completed"
+    failed = "failed"
+    cancelled = "cancelled"
+
+
+class PendingQuestions(BaseModel):
+    round: int
+    questions: list[Question]
+
+
+class Status(BaseModel):
+    spec_id: str
+    iteration: int = 0
+    phase: Phase = Phase.starting
+    current_role: Role | None = None
+    rounds: dict[str, int] = Field(default_factory=dict)
+    pending: PendingQuestions | None = None
+    sessions: list[SessionRef] = Field(default_factory=list)
+    usage: TokenUsage = Field(default_factory=TokenUsage)
+    usage_by_role: dict[str, TokenUsage] = Field(default_factory=dict)
+    models: list[str] = Field(default_factory=list)
+    flags: list[str] = Field(default_factory=list)
+    outcome: str | None = None
+    error: str | None = None
+    rejected_inputs: list[str] = Field(default_factory=list)
+
+
+class PipelineResult(BaseModel):
+    spec_id: str
+    iteration: int
+    outcome: Literal["approved", "plan_rejected", "change_rejected"]
+    clarified_spec: str
+    plan: Plan
+    change: Change | None = None
+    validation: Validation | None = None
+    flags: list[str] = Field(default_factory=list)
+    usage: TokenUsage = Field(default_factory=TokenUsage)
+    models: list[str] = Field(default_factory=list)

@@ -1,0 +1,329 @@
+"""The handshake registry: which conversation belongs to which spec and role.
+
+It answers the three handshake questions — discovery (the session of
+spec-42's planner), naming (Kael-planner instead of ses_1d6f…) and
+orchestration state (is the planner running? has the validator approved?) —
+and stores the conversation bodies, so Temporal history only ever holds
+references. Appends are idempotent on (session, turn, step, role): a retried or
+duplicated activity attempt can never record a model exchange twice.
+
+Synchronous SQLAlchemy; activities call it through a thread.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from datetime import datetime, timezone
+from typing import Any
+
+from sqlalchemy import JSON, Column, UniqueConstraint, event, func
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError
+from sqlmodel import Field, Session, SQLModel, create_engine, select
+
+from relay.models import ROLES, Role, TokenUsage
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class SpecRecord(SQLModel, table=True):
+    __tablename__ = "relay_spec"
+
+    spec_id: str = Field(primary_key=True)
+    request: str
+    iteration: int = 1
+    last_run_id: str
+    status: str = "running"
+    outcome: str | None = None
+    created_at: datetime = Field(default_factory=utcnow)
+    updated_at: datetime = Field(default_factory=utcnow)
+
+
+class AgentSession(SQLModel, table=True):
+    __tablename__ = "relay_agent_session"
+    __table_args__ = (UniqueConstraint("spec_id", "role", name="uq_session_spec_role"),)
+
+    id: str = Field(primary_key=True)
+    spec_id: str = Field(index=True)
+    role: str
+    name: str
+    model: str | None = None
+    status: str = "idle"  # idle | running | waiting | done | failed
+    turns: int = 0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cache_read_tokens: int = 0
+    cache_write_tokens: int = 0
+    prompt_version: str | None = None
+    created_at: datetime = Field(default_factory=utcnow)
+    updated_at: datetime = Field(default_factory=utcnow)
+
+
+class SessionMessage(SQLModel, table=True):
+    __tablename__ = "relay_session_message"
+    __table_args__ = (
+        UniqueConstraint("session_id", "seq", name="uq_message_seq"),
+        UniqueConstraint("session_id", "turn", "step", "role", name="uq_message_exchange"),
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    session_id: str = Field(foreign_key="relay_agent_session.id", index=True)
+    seq: int
+    turn: int
+    step: int = 0  # 0 = the turn's first exchange, 1 = its repair exchange
+    role: str  # user | assistant
+    content: list[dict[str, Any]] = Field(sa_column=Column(JSON, nullable=False))
+    model: str | None = None
+    source: str = "primary"  # primary | fallback | cache
+    trust: str = "full"  # full | degraded
+    valid: bool | None = None  # assistant only: did its structured output validate?
+    error: str | None = None
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cache_read_tokens: int = 0
+    cache_write_tokens: int = 0
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class SpecConflict(Exception):
+    """A run that contradicts the recorded spec (new spec id reused, unknown spec iterated)."""
+
+
+# Stable, human names: the same (spec, role) always gets the same one.
+_NAMES = (
+    "Kael", "Aitana", "Bruno", "Chiara", "Dmitri", "Esme", "Farid", "Greta", "Hugo", "Ines",
+    "Jonas", "Kiri", "Lior", "Mara", "Nilo", "Oona", "Pavel", "Quinn", "Rhea", "Soren",
+    "Tala", "Umar", "Vera", "Wren", "Xenia", "Yusuf", "Zara",
+)
+
+
+def session_name(spec_id: str, role: Role | str) -> str:
+    role_value = Role(role).value
+    digest = hashlib.sha256(f"{spec_id}/{role_value}".encode()).digest()
+    return f"{_NAMES[digest[0] % len(_NAMES)]}-{role_value}"
+
+
+def make_engine(url: str) -> Engine:
+    if url.startswith("sqlite"):
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=NORMAL")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.close()
+
+        return engine
+    return create_engine(url, pool_pre_ping=True)
+
+
+class Registry:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    @classmethod
+    def from_url(cls, url: str) -> Registry:
+        registry = cls(make_engine(url))
+        registry.create_tables()
+        return registry
+
+    def create_tables(self) -> None:
+        SQLModel.metadata.create_all(self.engine)
+
+    # --- specs ------------------------------------------------------------------
+
+    def open_spec(self, spec_id: str, run_id: str, request: str, iterate: bool) -> SpecRecord:
+        """Record the start of a run; idempotent per run id."""
+        with Session(self.engine) as db:
+            spec = db.get(SpecRecord, spec_id)
+            if spec is not None and spec.last_run_id == run_id:
+                return spec
+            if spec is None:
+                if iterate:
+                    raise SpecConflict(f"unknown spec {spec_id!r}: nothing to iterate")
+                spec = SpecRecord(spec_id=spec_id, request=request, last_run_id=run_id)
+            else:
+                if not iterate:
+                    raise SpecConflict(
+                        f"spec {spec_id!r} already exists (iteration {spec.iteration}); "
+                        "use 'relay iterate' to start its next iteration"
+                    )
+                spec.iteration += 1
+                spec.last_run_id = run_id
+                spec.status = "running"
+                spec.outcome = None
+                spec.updated_at = utcnow()
+            db.add(spec)
+            db.commit()
+            db.refresh(spec)
+            return spec
+
+    def spec(self, spec_id: str) -> SpecRecord | None:
+        with Session(self.engine) as db:
+            return db.get(SpecRecord, spec_id)
+
+    def close_spec(self, spec_id: str, status: str, outcome: str | None) -> None:
+        with Session(self.engine) as db:
+            spec = db.get(SpecRecord, spec_id)
+            if spec is None:
+                return
+            spec.status, spec.outcome, spec.updated_at = status, outcome, utcnow()
+            db.add(spec)
+            db.commit()
+
+    # --- sessions: discovery and naming ------------------------------------------
+
+    def find_session(self, spec_id: str, role: Role | str) -> AgentSession | None:
+        """Discovery: the session of this spec's role, if it exists (scenario B)."""
+        with Session(self.engine) as db:
+            return db.exec(
+                select(AgentSession).where(
+                    AgentSession.spec_id == spec_id, AgentSession.role == Role(role).value
+                )
+            ).first()
+
+    def session_by_name(self, spec_id: str, name: str) -> AgentSession | None:
+        with Session(self.engine) as db:
+            return db.exec(
+                select(AgentSession).where(AgentSession.spec_id == spec_id, AgentSession.name == name)
+            ).first()
+
+    def resolve_session(self, spec_id: str, role: Role | str) -> tuple[AgentSession, bool]:
+        """Find the role's session or create it (scenario A). Returns (session, created)."""
+        found = self.find_session(spec_id, role)
+        if found is not None:
+            return found, False
+        session = AgentSession(
+            id=f"ses_{uuid.uuid4().hex[:20]}",
+            spec_id=spec_id,
+            role=Role(role).value,
+            name=session_name(spec_id, role),
+        )
+        try:
+            with Session(self.engine) as db:
+                db.add(session)
+                db.commit()
+                db.refresh(session)
+                return session, True
+        except IntegrityError:
+            # Another attempt created it first; theirs is the session.
+            found = self.find_session(spec_id, role)
+            assert found is not None
+            return found, False
+
+    def sessions(self, spec_id: str) -> list[AgentSession]:
+        order = {r.value: i for i, r in enumerate(ROLES)}
+        with Session(self.engine) as db:
+            rows = db.exec(select(AgentSession).where(AgentSession.spec_id == spec_id)).all()
+        return sorted(rows, key=lambda s: order.get(s.role, 99))
+
+    def set_status(self, spec_id: str, roles: list[Role], status: str) -> None:
+        with Session(self.engine) as db:
+            for row in db.exec(
+                select(AgentSession).where(
+                    AgentSession.spec_id == spec_id,
+                    AgentSession.role.in_([Role(r).value for r in roles]),  # type: ignore[attr-defined]
+                )
+            ):
+                row.status, row.updated_at = status, utcnow()
+                db.add(row)
+            db.commit()
+
+    # --- messages -------------------------------------------------------------------
+
+    def messages(self, session_id: str) -> list[SessionMessage]:
+        with Session(self.engine) as db:
+            return list(
+                db.exec(
+                    select(SessionMessage)
+                    .where(SessionMessage.session_id == session_id)
+                    .order_by(SessionMessage.seq)  # type: ignore[arg-type]
+                ).all()
+            )
+
+    def append_exchange(
+        self,
+        session_id: str,
+        *,
+        turn: int,
+        step: int,
+        user_content: list[dict[str, Any]],
+        assistant_content: list[dict[str, Any]],
+        model: str,
+        usage: TokenUsage,
+        valid: bool,
+        error: str | None,
+        prompt_version: str,
+        source: str = "primary",
+        trust: str = "full",
+    ) -> bool:
+        """Append one model exchange (the user message and the answer) atomically.
+
+        Returns False when this (turn, step) is already recorded — a duplicate
+        attempt lost the race and must use the recorded exchange instead.
+        """
+        try:
+            with Session(self.engine) as db:
+                last = db.exec(
+                    select(func.max(SessionMessage.seq)).where(SessionMessage.session_id == session_id)
+                ).one()
+                seq = (last or 0) + 1
+                common = dict(session_id=session_id, turn=turn, step=step, model=model,
+                              source=source, trust=trust)
+                db.add(SessionMessage(seq=seq, role="user", content=user_content, **common))
+                db.add(
+                    SessionMessage(
+                        seq=seq + 1, role="assistant", content=assistant_content, valid=valid,
+                        error=error, input_tokens=usage.input_tokens,
+                        output_tokens=usage.output_tokens,
+                        cache_read_tokens=usage.cache_read_input_tokens,
+                        cache_write_tokens=usage.cache_creation_input_tokens, **common,
+                    )
+                )
+                session = db.get(AgentSession, session_id)
+                assert session is not None, session_id
+                session.input_tokens += usage.input_tokens
+                session.output_tokens += usage.output_tokens
+                session.cache_read_tokens += usage.cache_read_input_tokens
+                session.cache_write_tokens += usage.cache_creation_input_tokens
+                session.model = model
+                session.prompt_version = prompt_version
+                session.turns = max(session.turns, turn)
+                session.updated_at = utcnow()
+                db.add(session)
+                db.commit()
+                return True
+        except IntegrityError:
+            return False
+
+    # --- orchestration state -----------------------------------------------------------
+
+    def last_output(self, session_id: str) -> dict[str, Any] | None:
+        """The newest valid structured output of a session (its forced tool's input)."""
+        with Session(self.engine) as db:
+            row = db.exec(
+                select(SessionMessage)
+                .where(SessionMessage.session_id == session_id, SessionMessage.valid == True)  # noqa: E712
+                .order_by(SessionMessage.seq.desc())  # type: ignore[attr-defined]
+            ).first()
+        if row is None:
+            return None
+        return next((b.get("input") for b in row.content if b.get("type") == "tool_use"), None)
+
+    def orchestration_state(self, spec_id: str) -> dict[str, dict[str, Any]]:
+        """Per role: its session's state, turns and newest output (e.g. has the validator approved?)."""
+        state: dict[str, dict[str, Any]] = {}
+        for s in self.sessions(spec_id):
+            out = self.last_output(s.id)
+            state[s.role] = {
+                "session_id": s.id, "name": s.name, "status": s.status, "turns": s.turns,
+                "running": s.status == "running",
+                "approved": out.get("approved") if isinstance(out, dict) else None,
+                "last_output": out,
+            }
+        return state

@@ -1,0 +1,359 @@
+"""A local, deterministic stand-in for the Anthropic Messages API.
+
+relay uses it as its built-in model when no API key is configured, and tests use
+it as the model double: it answers `POST /v1/messages` with the forced tool's
+structured output for each relay role, can inject faults (429/529/500/401, slow
+answers, invalid output), records every request (never the key's value), and
+exposes `/_relay/*` control endpoints so a test can drive a server in another process.
+
+Run alone with `python -m relay.scripted_model --port 8765`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import itertools
+import json
+import re
+import socket
+import threading
+import time
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Literal
+
+from pydantic import BaseModel, ValidationError
+
+from relay.models import ROLE_BY_TOOL, SCRIPTED_MODEL_PREFIX, Role
+
+FaultKind = Literal["rate_limit", "overloaded", "server_error", "auth_error", "slow", "invalid_output"]
+
+# Fault kinds answered with an error: kind -> (HTTP status, Anthropic error type).
+ERROR_FAULTS: dict[str, tuple[int, str]] = {
+    "rate_limit": (429, "rate_limit_error"),
+    "overloaded": (529, "overloaded_error"),
+    "server_error": (500, "api_error"),
+    "auth_error": (401, "authentication_error"),
+}
+
+
+class Fault(BaseModel):
+    kind: FaultKind
+    role: str | None = None  # only requests of this role (None = any)
+    count: int = 1  # how many matching requests it applies to, then it is spent
+    retry_after: float | None = None  # seconds, sent as `retry-after` on error faults
+    delay_s: float = 0.0  # for "slow": sleep this long, then answer normally
+
+
+class RecordedRequest(BaseModel):
+    role: str | None
+    body: dict
+    status: int
+    fault: str | None = None
+    auth_present: bool = False
+
+
+# --- role behaviour ----------------------------------------------------------
+
+
+def _text(content: Any) -> str:
+    """Text of message content: a string, or text / tool_result blocks (recursively)."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "\n".join(t for t in map(_text, content) if t)
+    if isinstance(content, dict) and content.get("type") == "text":
+        return str(content.get("text", ""))
+    if isinstance(content, dict) and content.get("type") == "tool_result":
+        return _text(content.get("content", ""))
+    return ""
+
+
+def slug(text: str, default: str = "change") -> str:
+    """Lowercase alnum/underscore identifier of at most 30 characters."""
+    return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")[:30].strip("_") or default
+
+
+def _clarifier(original: str, newest: str, prior: int) -> dict:
+    if prior == 0:
+        return {"questions": [{"id": "q1", "text": "Who will use the result, and how?"},
+                              {"id": "q2", "text": "What must be true for this to count as done?"}]}
+    return {"clarified_spec": f"Clarified spec (scripted model)\n"
+                              f"Request: {original}\nLatest input: {newest}"}
+
+
+def _planner(original: str, newest: str, prior: int) -> dict:
+    summary = f"Plan for {slug(newest)}" + (f" (revision number {prior})" if prior else "")
+    steps = [f"Read the request '{slug(newest)}'", f"Write relay_output/{slug(original)}.py",
+             "Review the module"]
+    if prior:
+        steps.append("Add a test that verifies the result and run it")
+    return {"summary": summary, "steps": steps}
+
+
+def _auditor(original: str, newest: str, prior: int) -> dict:
+    if prior == 0:
+        return {"approved": False,
+                "findings": ["The plan has no step that verifies the result with a test."]}
+    return {"approved": True, "findings": []}
+
+
+def _constructor(original: str, newest: str, prior: int) -> dict:
+    name = slug(original)
+    content = (f'"""Scripted change for: {name}."""\n\n\ndef describe() -> str:\n'
+               f'    """Return the name of this change."""\n    return "{name}"\n')
+    return {"summary": f"Add relay_output/{name}.py",
+            "files": [{"path": f"relay_output/{name}.py", "content": content}]}
+
+
+def _validator(original: str, newest: str, prior: int) -> dict:
+    return {"approved": True, "failures": []}
+
+
+ROLE_ANSWERS = {Role.clarifier: _clarifier, Role.planner: _planner, Role.auditor: _auditor,
+                Role.constructor: _constructor, Role.validator: _validator}
+
+
+def role_output(role: Role, messages: Any) -> dict:
+    """The forced tool's input for `role`, given the request's `messages` history."""
+    messages = [m for m in messages if isinstance(m, dict)] if isinstance(messages, list) else []
+    texts = [_text(m.get("content")) for m in messages if m.get("role") == "user"] or [""]
+    prior = sum(1 for m in messages if m.get("role") == "assistant")
+    return ROLE_ANSWERS[role](texts[0], texts[-1], prior)
+
+
+def _tokens(value: Any) -> int:
+    return max(1, len(json.dumps(value)) // 4)
+
+
+def error_body(error_type: str, message: str) -> dict:
+    return {"type": "error", "error": {"type": error_type, "message": message}}
+
+
+def _role_of(body: Any) -> Role | None:
+    choice = body.get("tool_choice") if isinstance(body, dict) else None
+    if isinstance(choice, dict) and choice.get("type") == "tool":
+        return ROLE_BY_TOOL.get(choice.get("name"))  # type: ignore[arg-type]
+    return None
+
+
+# --- HTTP --------------------------------------------------------------------
+
+
+def _reason(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return "Overloaded" if status == 529 else "Error"
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: _Server  # type: ignore[assignment]
+
+    def setup(self) -> None:
+        super().setup()
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.server.open_sockets.add(self.connection)
+
+    def finish(self) -> None:
+        self.server.open_sockets.discard(self.connection)
+        super().finish()
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+        pass
+
+    def send(self, status: int, payload: dict, headers: dict[str, str] | None = None) -> None:
+        """Write status line, headers and body in a single write."""
+        data = json.dumps(payload).encode()
+        lines = [f"HTTP/1.1 {status} {_reason(status)}", "Content-Type: application/json",
+                 f"Content-Length: {len(data)}", *(f"{k}: {v}" for k, v in (headers or {}).items())]
+        if self.close_connection:
+            lines.append("Connection: close")
+        self.wfile.write(("\r\n".join(lines) + "\r\n\r\n").encode() + data)
+
+    def not_found(self, path: str) -> None:
+        self.send(404, error_body("not_found_error", f"Unknown path: {path}"))
+
+    def do_GET(self) -> None:  # noqa: N802
+        path = self.path.split("?", 1)[0]
+        if path == "/_relay/health":
+            self.send(200, {"ok": True})
+        elif path == "/_relay/requests":
+            self.send(200, {"requests": [r.model_dump() for r in self.server.model.recorded()]})
+        else:
+            self.not_found(path)
+
+    def do_POST(self) -> None:  # noqa: N802
+        path, model = self.path.split("?", 1)[0], self.server.model
+        raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        if path == "/v1/messages":
+            auth = bool(self.headers.get("Authorization") or self.headers.get("x-api-key"))
+            try:
+                self.send(*model.handle_messages(raw, auth))
+            except Exception as e:  # a bug must still get an answer, not a dropped connection
+                self.send(500, error_body("api_error", f"Scripted model error: {e!r}"))
+        elif path == "/v1/messages/count_tokens":
+            with contextlib.suppress(ValueError):
+                raw = json.loads(raw or b"{}")
+            body = raw if isinstance(raw, dict) else {}
+            self.send(200, {"input_tokens": _tokens([body.get("system"), body.get("messages")])})
+        elif path == "/_relay/faults":
+            try:
+                model.add_fault(Fault.model_validate_json(raw))
+                self.send(200, {"ok": True})
+            except ValidationError as e:
+                self.send(400, error_body("invalid_request_error", str(e)))
+        elif path == "/_relay/reset":
+            model.reset()
+            self.send(200, {"ok": True})
+        else:
+            self.not_found(path)
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 128
+
+    def __init__(self, address: tuple[str, int], model: ScriptedModel) -> None:
+        super().__init__(address, _Handler)
+        self.model = model
+        self.open_sockets: set[socket.socket] = set()
+
+    def close_connections(self) -> None:
+        """End kept-alive connections so clients see the server go away."""
+        for sock in list(self.open_sockets):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+
+class ScriptedModel:
+    """The scripted Messages API server. Use as a context manager or start()/stop()."""
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0,
+                 model_name: str = f"{SCRIPTED_MODEL_PREFIX}-1") -> None:
+        self.host, self.port, self.model_name = host, port, model_name
+        self.requests: list[RecordedRequest] = []
+        self._faults: list[Fault] = []
+        self._lock = threading.Lock()
+        self._ids = itertools.count(1)
+        self._server: _Server | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        if self._server is None:
+            raise RuntimeError("ScriptedModel is not started")
+        host, port = self._server.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def start(self) -> ScriptedModel:
+        self._server = _Server((self.host, self.port), self)
+        self._thread = threading.Thread(target=self._server.serve_forever,
+                                        name="scripted-model", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server.close_connections()
+            self._server = None
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
+
+    def __enter__(self) -> ScriptedModel:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def recorded(self, role: str | None = None) -> list[RecordedRequest]:
+        with self._lock:
+            return [r for r in self.requests if role is None or r.role == role]
+
+    def add_fault(self, fault: Fault) -> None:
+        with self._lock:
+            self._faults.append(fault.model_copy())
+
+    def reset(self) -> None:
+        with self._lock:
+            self.requests.clear()
+            self._faults.clear()
+
+    def _take_fault(self, role: Role) -> Fault | None:
+        """The first unspent fault matching `role`, with its count decremented."""
+        with self._lock:
+            for fault in self._faults:
+                if fault.count > 0 and fault.role in (None, role.value):
+                    fault.count -= 1
+                    if fault.count <= 0:
+                        self._faults.remove(fault)
+                    return fault
+        return None
+
+    def _record(self, role: Role | None, body: Any, status: int, fault: str | None,
+                auth: bool) -> None:
+        rec = RecordedRequest(role=role.value if role else None, status=status, fault=fault,
+                              body=body if isinstance(body, dict) else {}, auth_present=auth)
+        with self._lock:
+            self.requests.append(rec)
+
+    def handle_messages(self, raw: bytes, auth: bool) -> tuple[int, dict, dict[str, str]]:
+        """Answer one `POST /v1/messages`: (status, JSON payload, extra headers)."""
+        try:
+            body = json.loads(raw)
+        except ValueError:
+            body = None
+        role = _role_of(body)
+        if role is None:
+            self._record(None, body, 400, None, auth)
+            msg = "Body must be JSON with tool_choice {type: tool, name: <a relay output tool>}"
+            return 400, error_body("invalid_request_error", msg), {}
+        fault = self._take_fault(role)
+        kind = fault.kind if fault else None
+        if fault and fault.kind in ERROR_FAULTS:
+            status, error_type = ERROR_FAULTS[fault.kind]
+            self._record(role, body, status, kind, auth)
+            retry = {} if fault.retry_after is None else {"retry-after": f"{fault.retry_after:g}"}
+            return status, error_body(error_type, f"Scripted fault: {kind}"), retry
+        if fault and fault.kind == "slow":
+            time.sleep(fault.delay_s)
+        if kind == "invalid_output":
+            output: dict = {"unexpected": True}
+        else:
+            output = role_output(role, body.get("messages"))
+        self._record(role, body, 200, kind, auth)
+        return 200, self._message(body, output), {}
+
+    def _message(self, body: dict, output: dict) -> dict:
+        n = next(self._ids)
+        return {
+            "id": f"msg_scripted_{n}", "type": "message", "role": "assistant",
+            "model": body.get("model") or self.model_name,
+            "content": [{"type": "tool_use", "id": f"toolu_scripted_{n}",
+                         "name": body["tool_choice"]["name"], "input": output}],
+            "stop_reason": "tool_use", "stop_sequence": None,
+            "usage": {"input_tokens": _tokens([body.get("system"), body.get("messages")]),
+                      "output_tokens": _tokens(output),
+                      "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0},
+        }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Serve relay's scripted model locally.")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8765)
+    parser.add_argument("--model-name", default=f"{SCRIPTED_MODEL_PREFIX}-1")
+    args = parser.parse_args(argv)
+    with ScriptedModel(args.host, args.port, args.model_name) as model:
+        print(f"Scripted model serving at {model.url} (Ctrl-C to stop)", flush=True)
+        with contextlib.suppress(KeyboardInterrupt):
+            threading.Event().wait()
+
+
+if __name__ == "__main__":
+    main()

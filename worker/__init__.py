@@ -1,0 +1,1 @@
+"""The worker process and the embedded dev-server bootstrap."""

@@ -1,0 +1,138 @@
+"""The relay worker: builds the activities with their dependencies and runs them.
+
+Dependencies (registry engine, model client, settings) are made here and
+passed in; nothing is created at import time. Without an API key the worker
+uses the scripted model — started in-process unless ANTHROPIC_BASE_URL points
+at a running one — and says so.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from datetime import timedelta
+
+import anthropic
+import httpx2
+import structlog
+from temporalio.api.enums.v1 import IndexedValueType
+from temporalio.api.operatorservice.v1 import AddSearchAttributesRequest, ListSearchAttributesRequest
+from temporalio.client import Client
+from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.worker import Worker
+from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
+
+from activities import AgentTurnActivities, RegistryActivities
+from relay.models import PHASE_SEARCH_ATTRIBUTE, is_scripted
+from relay.registry import Registry
+from relay.scripted_model import ScriptedModel
+from relay.settings import RelaySettings
+from workflows.pipeline import SpecPipeline
+
+log = structlog.get_logger("relay.worker")
+
+SCRIPTED_MODEL = "relay-scripted-1"
+
+
+class TemporalUnreachable(Exception):
+    pass
+
+
+async def connect(address: str, namespace: str = "default") -> Client:
+    try:
+        return await asyncio.wait_for(
+            Client.connect(address, namespace=namespace, data_converter=pydantic_data_converter),
+            timeout=15)
+    except (RuntimeError, OSError, asyncio.TimeoutError) as exc:
+        raise TemporalUnreachable(f"cannot reach Temporal at {address}: {exc or 'timed out'}") from None
+
+
+async def ensure_search_attributes(client: Client) -> None:
+    """The workflow upserts RelayPhase; register it where the server does not know it yet."""
+    ops = client.operator_service
+    known = await ops.list_search_attributes(ListSearchAttributesRequest(namespace=client.namespace))
+    if PHASE_SEARCH_ATTRIBUTE in known.custom_attributes:
+        return
+    await ops.add_search_attributes(AddSearchAttributesRequest(
+        namespace=client.namespace,
+        search_attributes={PHASE_SEARCH_ATTRIBUTE: IndexedValueType.INDEXED_VALUE_TYPE_KEYWORD}))
+
+
+@dataclasses.dataclass
+class ModelEndpoint:
+    client: anthropic.AsyncAnthropic
+    model: str
+    scripted: ScriptedModel | None = None
+
+    @property
+    def label(self) -> str:
+        if is_scripted(self.model):
+            return f"{self.model} (scripted model, not a real LLM) at {self.client.base_url}"
+        return f"{self.model} at {self.client.base_url}"
+
+    async def aclose(self) -> None:
+        await self.client.close()
+        if self.scripted is not None:
+            self.scripted.stop()
+
+
+def model_endpoint(settings: RelaySettings) -> ModelEndpoint:
+    """Anthropic with a key; a configured endpoint without one; else the scripted model."""
+    scripted = None
+    base_url = settings.anthropic_base_url
+    model = settings.model
+    if settings.anthropic_api_key is not None:
+        api_key = settings.anthropic_api_key.get_secret_value()
+    else:
+        api_key = "no-key"
+        if base_url is None:
+            scripted = ScriptedModel(model_name=SCRIPTED_MODEL).start()
+            base_url, model = scripted.url, SCRIPTED_MODEL
+    client = anthropic.AsyncAnthropic(
+        api_key=api_key, base_url=base_url, max_retries=0,  # Temporal owns retries
+        timeout=httpx2.Timeout(settings.turn_timeout_s, connect=10.0))
+    return ModelEndpoint(client=client, model=model, scripted=scripted)
+
+
+def build_worker(client: Client, *, task_queue: str, registry: Registry,
+                 endpoint: ModelEndpoint, settings: RelaySettings, **options: object) -> Worker:
+    turns = AgentTurnActivities(registry, endpoint.client, endpoint.model, settings.max_tokens)
+    bookkeeping = RegistryActivities(registry)
+    return Worker(
+        client,
+        task_queue=task_queue,
+        workflows=[SpecPipeline],
+        activities=[turns.agent_turn, bookkeeping.open_spec, bookkeeping.set_session_states],
+        workflow_runner=SandboxedWorkflowRunner(
+            restrictions=SandboxRestrictions.default.with_passthrough_modules(
+                "structlog", "relay.models", "workflows.render")),
+        graceful_shutdown_timeout=timedelta(seconds=5),
+        **options,  # type: ignore[arg-type]
+    )
+
+
+async def run_worker(settings: RelaySettings, stop: asyncio.Event, *,
+                     ready: asyncio.Event | None = None) -> None:
+    client = await connect(settings.temporal_address, settings.namespace)
+    await ensure_search_attributes(client)
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    registry = Registry.from_url(settings.registry_url())
+    endpoint = model_endpoint(settings)
+    worker = build_worker(client, task_queue=settings.task_queue, registry=registry,
+                          endpoint=endpoint, settings=settings)
+    log.info("worker.started", address=settings.temporal_address, task_queue=settings.task_queue,
+             model=endpoint.label, registry=_safe_url(settings.registry_url()))
+    try:
+        async with worker:
+            if ready is not None:
+                ready.set()
+            await stop.wait()
+    finally:
+        await endpoint.aclose()
+        registry.engine.dispose()
+
+
+def _safe_url(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)

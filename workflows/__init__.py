@@ -1,0 +1,1 @@
+"""Deterministic orchestration only: no clock, randomness, network or database here."""
