@@ -254,6 +254,7 @@ class ScriptedModel:
                  model_name: str = f"{SCRIPTED_MODEL_PREFIX}-1") -> None:
         self.host, self.port, self.model_name = host, port, model_name
         self.requests: list[RecordedRequest] = []
+        self._arrived: list[str] = []
         self._faults: list[Fault] = []
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
@@ -298,8 +299,14 @@ class ScriptedModel:
         with self._lock:
             self._faults.append(fault.model_copy())
 
+    def arrived(self, role: str | None = None) -> int:
+        """Requests received so far (counted on arrival, before any delay or answer)."""
+        with self._lock:
+            return sum(1 for r in self._arrived if role is None or r == role)
+
     def reset(self) -> None:
         with self._lock:
+            self._arrived.clear()
             self.requests.clear()
             self._faults.clear()
 
@@ -332,6 +339,8 @@ class ScriptedModel:
             self._record(None, body, 400, None, auth)
             msg = "Body must be JSON with tool_choice {type: tool, name: <a relay output tool>}"
             return 400, error_body("invalid_request_error", msg), {}
+        with self._lock:
+            self._arrived.append(role.value)
         fault = self._take_fault(role)
         kind = fault.kind if fault else None
         if fault and fault.kind in ERROR_FAULTS:
