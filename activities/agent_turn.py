@@ -10,6 +10,7 @@ same session, with the validation error shown to the model.
 from __future__ import annotations
 
 import asyncio
+from functools import lru_cache
 from typing import Any
 
 import anthropic
@@ -67,6 +68,12 @@ def _validate(role: Role, content: list[dict[str, Any]]) -> tuple[dict[str, Any]
     return parsed.model_dump(mode="json"), None
 
 
+@lru_cache(maxsize=None)
+def _output_tool(role: Role) -> dict[str, Any]:
+    return {"name": OUTPUT_TOOLS[role], "description": f"Submit the {role.value}'s result.",
+            "input_schema": OUTPUT_MODELS[role].model_json_schema()}
+
+
 def _with_cache_breakpoint(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Mark the end of the conversation cacheable so the next turn reads it from cache."""
     if not messages:
@@ -104,9 +111,9 @@ class AgentTurnActivities:
     async def _heartbeat(self) -> None:
         timeout = activity.info().heartbeat_timeout
         interval = max(0.5, timeout.total_seconds() / 3) if timeout else 10.0
-        while True:
-            activity.heartbeat()
+        while True:  # the first beat waits: a quick turn needs none, and each beat is a server write
             await asyncio.sleep(interval)
+            activity.heartbeat()
 
     async def _turn(self, inp: AgentTurnInput) -> AgentTurnResult:
         prompt = prompts.load(inp.role)
@@ -114,13 +121,11 @@ class AgentTurnActivities:
             text = prompt.render(inp.kind, inp.variables)
         except KeyError as exc:
             raise ApplicationError(str(exc), type="InvalidTurnInput", non_retryable=True) from None
-        session, created = await asyncio.to_thread(self.registry.resolve_session, inp.spec_id, inp.role)
+        session, created, history = await asyncio.to_thread(
+            self.registry.begin_turn, inp.spec_id, inp.role, inp.turn)
         structlog.contextvars.bind_contextvars(session_id=session.id)
-        history = await asyncio.to_thread(self.registry.messages, session.id)
         before = [m for m in history if m.turn < inp.turn]
         recorded = {(m.step, m.role): m for m in history if m.turn == inp.turn}
-        if not recorded:
-            await asyncio.to_thread(self.registry.set_status, inp.spec_id, [inp.role], "running")
         log.info("agent_turn.start", scenario="A" if created else "B", history=len(before))
 
         tool = OUTPUT_TOOLS[inp.role]
@@ -140,6 +145,7 @@ class AgentTurnActivities:
                     model=exchange.model, usage=exchange.usage, valid=exchange.output is not None,
                     error=exchange.error,
                     prompt_version=prompt.version, source=exchange.source, trust=exchange.trust,
+                    status="idle" if exchange.output is not None else None,
                 )
                 if not stored:  # a concurrent attempt recorded this exchange first: use theirs
                     fresh = await asyncio.to_thread(self.registry.messages, session.id)
@@ -150,7 +156,6 @@ class AgentTurnActivities:
                 else:
                     usage = usage + exchange.usage
             if exchange.output is not None:
-                await asyncio.to_thread(self.registry.set_status, inp.spec_id, [inp.role], "idle")
                 log.info("agent_turn.done", replayed=replayed, repaired=step == 1,
                          input_tokens=usage.input_tokens, output_tokens=usage.output_tokens)
                 return AgentTurnResult(
@@ -196,8 +201,7 @@ class AgentTurnActivities:
                 max_tokens=self.max_tokens,
                 system=[{"type": "text", "text": system, "cache_control": {"type": "ephemeral"}}],
                 messages=messages,  # type: ignore[arg-type]
-                tools=[{"name": tool, "description": f"Submit the {role.value}'s result.",
-                        "input_schema": OUTPUT_MODELS[role].model_json_schema()}],
+                tools=[_output_tool(role)],
                 tool_choice={"type": "tool", "name": tool, "disable_parallel_tool_use": True},
             )
         except anthropic.AnthropicError as exc:

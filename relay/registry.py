@@ -216,6 +216,25 @@ class Registry:
             assert found is not None
             return found, False
 
+    def begin_turn(self, spec_id: str, role: Role | str,
+                   turn: int) -> tuple[AgentSession, bool, list[SessionMessage]]:
+        """Everything an agent turn needs, in one transaction: its session (found or created),
+        the session's whole history, and the session marked running unless the turn is recorded."""
+        session, created = self.resolve_session(spec_id, role)
+        with Session(self.engine, expire_on_commit=False) as db:
+            history = list(db.exec(
+                select(SessionMessage).where(SessionMessage.session_id == session.id)
+                .order_by(SessionMessage.seq)  # type: ignore[arg-type]
+            ).all())
+            if not any(m.turn == turn for m in history) and session.status != "running":
+                row = db.get(AgentSession, session.id)
+                assert row is not None
+                row.status, row.updated_at = "running", utcnow()
+                db.add(row)
+                db.commit()
+                session = row
+        return session, created, history
+
     def sessions(self, spec_id: str) -> list[AgentSession]:
         order = {r.value: i for i, r in enumerate(ROLES)}
         with Session(self.engine) as db:
@@ -261,6 +280,7 @@ class Registry:
         prompt_version: str,
         source: str = "primary",
         trust: str = "full",
+        status: str | None = None,
     ) -> bool:
         """Append one model exchange (the user message and the answer) atomically.
 
@@ -294,6 +314,8 @@ class Registry:
                 session.model = model
                 session.prompt_version = prompt_version
                 session.turns = max(session.turns, turn)
+                if status is not None:
+                    session.status = status
                 session.updated_at = utcnow()
                 db.add(session)
                 db.commit()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import AliasChoices, Field, SecretStr
+from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from relay.models import Limits
@@ -46,6 +46,12 @@ class RelaySettings(BaseSettings):
 
     log_format: str = Field(default="auto", description="auto | json | console")
     log_level: str = "info"
+
+    @field_validator("anthropic_api_key", "anthropic_base_url", "database_url", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        # docker compose passes `${VAR:-}` through as an empty string
+        return None if isinstance(value, str) and not value.strip() else value
 
     def registry_url(self) -> str:
         if self.database_url:

@@ -187,14 +187,13 @@ async def test_raw_temporal_cli_starts_queries_answers_and_reads_the_result(rela
 
     out = ok(await temporal_cli(settings, "workflow", "query", "--workflow-id", sid,
                                 "--name", "status", "-o", "json"))
-    queried = json.loads(out)
-    status = queried["queryResult"][0] if "queryResult" in queried else queried
+    [status] = json.loads(out)["queryResult"]
     assert status["phase"] == "waiting_for_answers"
     assert [q["id"] for q in status["pending"]["questions"]] == ["q1", "q2"]
 
     out = ok(await temporal_cli(settings, "workflow", "update", "execute", "--workflow-id", sid,
                                 "--name", "answer", "--input", json.dumps({"answers": ANSWERS})))
-    assert "q1" in out and "q2" in out  # the AnswerAck comes back
+    assert "accepted:[q1 q2] round:1" in out  # the AnswerAck comes back to the sender
 
     out = ok(await temporal_cli(settings, "workflow", "result", "--workflow-id", sid, "-o", "json"))
     assert '"approved"' in out

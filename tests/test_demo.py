@@ -1,0 +1,69 @@
+"""The README's main job and the embedded server, exactly as a user runs them."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+
+from tests.conftest import RELAY_CMD
+
+
+def user_env(data_dir) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ANTHROPIC_", "RELAY_"))}
+    env["RELAY_DATA_DIR"] = str(data_dir)
+    return env
+
+
+async def test_demo_runs_the_example_spec_end_to_end(tmp_path):
+    """`relay demo --auto-answer`: embedded server, worker, scripted model, a finished spec."""
+    proc = await asyncio.create_subprocess_exec(
+        *RELAY_CMD, "demo", "--auto-answer", "--headless", env=user_env(tmp_path),
+        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), timeout=120)
+    text = out.decode()
+    assert proc.returncode == 0, err.decode()[-2000:]
+    assert "The clarifier asks" in text
+    assert "outcome: approved" in text
+    assert "scripted model" in text
+    assert "Temporal dev server at" in err.decode()
+    assert (tmp_path / "temporal" / "temporal.db").exists()  # state persisted in the data dir
+    assert not (tmp_path / "dev.json").exists()  # cleaned up on the way out
+
+
+async def test_relay_dev_serves_other_commands_and_stops_everything(tmp_path):
+    """`relay dev` runs until SIGTERM; other commands find it through the data dir."""
+    env = user_env(tmp_path)
+    dev = await asyncio.create_subprocess_exec(
+        *RELAY_CMD, "dev", "--headless", env=env, stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+    try:
+        dev_file = tmp_path / "dev.json"
+        deadline = asyncio.get_running_loop().time() + 60
+        while not dev_file.exists():
+            assert dev.returncode is None and asyncio.get_running_loop().time() < deadline
+            await asyncio.sleep(0.05)
+        info = json.loads(dev_file.read_text())
+        run = await asyncio.create_subprocess_exec(
+            *RELAY_CMD, "run", "Write a greeting module", "--id", "dev-spec", env=env,
+            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE)
+        out, err = await asyncio.wait_for(run.communicate(), timeout=60)
+        assert run.returncode == 0, err.decode()
+        assert out.decode().strip() == "dev-spec"
+    finally:
+        dev.send_signal(signal.SIGTERM)
+        _, err = await asyncio.wait_for(dev.communicate(), timeout=30)
+    assert dev.returncode == 0, err.decode()[-2000:]
+    assert not dev_file.exists()
+    # the dev server child is gone: its port no longer accepts connections
+    host, port = info["address"].split(":")
+    try:
+        _, writer = await asyncio.open_connection(host, int(port))
+    except OSError:
+        pass
+    else:
+        writer.close()
+        raise AssertionError("the Temporal dev server is still listening after relay dev stopped")
