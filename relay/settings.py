@@ -44,6 +44,9 @@ class RelaySettings(BaseSettings):
     turn_timeout_s: float = 600
     heartbeat_timeout_s: float = 60
 
+    max_cached_workflows: int = Field(default=1000, ge=0, description="worker's sticky cache")
+    max_concurrent_activities: int = Field(default=100, ge=1)
+
     log_format: str = Field(default="auto", description="auto | json | console")
     log_level: str = "info"
 

@@ -107,6 +107,8 @@ def build_worker(client: Client, *, task_queue: str, registry: Registry,
             restrictions=SandboxRestrictions.default.with_passthrough_modules(
                 "structlog", "relay.models", "workflows.render")),
         graceful_shutdown_timeout=timedelta(seconds=5),
+        max_cached_workflows=settings.max_cached_workflows,
+        max_concurrent_activities=settings.max_concurrent_activities,
         **options,  # type: ignore[arg-type]
     )
 
