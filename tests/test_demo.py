@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import pty
+import re
 import signal
 
 from tests.conftest import RELAY_CMD
@@ -67,3 +69,41 @@ async def test_relay_dev_serves_other_commands_and_stops_everything(tmp_path):
     else:
         writer.close()
         raise AssertionError("the Temporal dev server is still listening after relay dev stopped")
+
+
+async def test_demo_asks_the_clarifiers_questions_on_the_terminal(tmp_path):
+    """`relay demo` in a terminal: the questions are asked there and the answers reach the agent."""
+    master, slave = pty.openpty()
+    proc = await asyncio.create_subprocess_exec(
+        *RELAY_CMD, "demo", "--headless", env=user_env(tmp_path) | {"TERM": "dumb"},
+        stdin=slave, stdout=slave, stderr=slave)
+    os.close(slave)
+    screen = ""
+
+    async def read_until(predicate, timeout: float = 60.0) -> None:
+        nonlocal screen
+        deadline = asyncio.get_running_loop().time() + timeout
+        while not predicate(screen):
+            assert asyncio.get_running_loop().time() < deadline, screen[-2000:]
+            try:
+                chunk = await asyncio.get_running_loop().run_in_executor(None, os.read, master, 4096)
+            except OSError:  # the child closed the terminal
+                break
+            if not chunk:
+                break
+            screen += re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", chunk.decode(errors="replace"))
+
+    try:
+        await read_until(lambda s: s.count("Who will use the result") >= 2)  # listed, then asked
+        os.write(master, b"Travellers at the front desk\n")
+        await read_until(lambda s: s.count("What must be true") >= 2)
+        os.write(master, b"It greets in three languages\n")
+        await read_until(lambda s: "outcome:" in s)
+        await read_until(lambda s: False, timeout=30)  # drain until the terminal closes
+    finally:
+        if proc.returncode is None:
+            await asyncio.wait_for(proc.wait(), timeout=30)
+        os.close(master)
+    assert proc.returncode == 0, screen[-2000:]
+    assert "outcome: approved" in screen
+    assert "Travellers at the front desk" in screen  # the answer is in the clarified spec

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+
+from temporalio.api.sdk.v1 import WorkflowMetadata
+
 from relay.models import ROLES, Phase, Role
 
 from tests.conftest import ANSWERS, run_spec, spec_id, wait_for_questions
@@ -76,3 +80,37 @@ async def test_clarifier_rounds_are_bounded(relay, settings, model_server):
         assert text in result.clarified_spec
     kinds = [r.role for r in model_server.recorded() if r.role == "clarifier"]
     assert len(kinds) == 4  # ask, ask again, ask again, finalize (still asking)
+
+
+async def test_answer_deadline_lets_the_best_spec_go_on(relay, settings):
+    """With a deadline and no answer, the clarifier finalizes and the spec goes on, flagged."""
+    limits = settings.limits().model_copy(update={"answer_timeout_s": 0.5})
+    sid = await relay.run("Write a greeting module", spec_id=spec_id(), limits=limits)
+    result = await relay.result(sid)
+    assert "answers_timed_out" in result.flags and "clarification_incomplete" in result.flags
+    assert result.outcome == "approved"
+
+
+async def test_specs_waiting_for_a_human_are_listed_by_search_attribute(relay, client):
+    """`RelayPhase = "waiting_for_answers"` finds the spec in the Web UI and through the API."""
+    sid = await relay.run("Write a greeting module", spec_id=spec_id("waiting"))
+    await wait_for_questions(relay, sid)
+    query = f'RelayPhase = "waiting_for_answers" AND WorkflowId = "{sid}"'
+
+    async def listed() -> list[str]:
+        return [w.id async for w in client.list_workflows(query)]
+
+    for _ in range(200):  # visibility is eventually consistent
+        if await listed() == [sid]:
+            break
+        await asyncio.sleep(0.05)
+    assert await listed() == [sid]
+    # The Web UI shows the workflow's current details, read through the metadata query.
+    metadata = await client.get_workflow_handle(sid).query(
+        "__temporal_workflow_metadata", result_type=WorkflowMetadata)
+    assert "Waiting for answers" in metadata.current_details
+    assert "`q1`" in metadata.current_details
+    assert {"answer"} <= {u.name for u in metadata.definition.update_definitions}
+    assert {"answer_signal"} <= {s.name for s in metadata.definition.signal_definitions}
+    await relay.answer(sid, ANSWERS)
+    await relay.result(sid)
