@@ -19,7 +19,9 @@ from pydantic import BaseModel, ValidationError
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
+from activities.effects import EffectExecutor
 from activities.model_errors import to_temporal_error
+from activities.tools import ToolBox, ToolRefused, tool_definitions
 from relay import prompts
 from relay.models import OUTPUT_MODELS, OUTPUT_TOOLS, AgentTurnInput, AgentTurnResult, Role, TokenUsage
 from relay.registry import Registry, SessionMessage
@@ -56,10 +58,15 @@ def _tool_results_for(last_assistant: SessionMessage | None) -> list[dict[str, A
     return blocks
 
 
-def _validate(role: Role, content: list[dict[str, Any]]) -> tuple[dict[str, Any] | None, str | None]:
+def _classify(role: Role, content: list[dict[str, Any]],
+              tools: bool) -> tuple[dict[str, Any] | None, str | None]:
+    """(output, None) for a valid result; (None, error) for an invalid one; (None, None) while
+    the agent is still working with its tools."""
     tool = OUTPUT_TOOLS[role]
     call = next((b for b in content if b.get("type") == "tool_use" and b.get("name") == tool), None)
     if call is None:
+        if tools and any(b.get("type") == "tool_use" for b in content):
+            return None, None
         return None, f"the answer did not call {tool}"
     try:
         parsed = OUTPUT_MODELS[role].model_validate(call.get("input"))
@@ -72,6 +79,26 @@ def _validate(role: Role, content: list[dict[str, Any]]) -> tuple[dict[str, Any]
 def _output_tool(role: Role) -> dict[str, Any]:
     return {"name": OUTPUT_TOOLS[role], "description": f"Submit the {role.value}'s result.",
             "input_schema": OUTPUT_MODELS[role].model_json_schema()}
+
+
+def _changed_paths(turn: list[dict[str, Any]], toolbox: ToolBox | None) -> list[str]:
+    """Files the turn wrote or deleted successfully, from its recorded messages."""
+    if toolbox is None:
+        return []
+    failed = {b.get("tool_use_id") for m in turn if m["role"] == "user" for b in m["content"]
+              if b.get("type") == "tool_result" and b.get("is_error")}
+    paths: list[str] = []
+    for m in turn:
+        for b in m["content"] if m["role"] == "assistant" else []:
+            if (b.get("type") == "tool_use" and b.get("name") in ("write_file", "delete_file")
+                    and b.get("id") not in failed):
+                try:
+                    relative = toolbox.confine((b.get("input") or {}).get("path"))[1]
+                except ToolRefused:
+                    continue
+                if relative not in paths:
+                    paths.append(relative)
+    return paths
 
 
 def _with_cache_breakpoint(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -87,8 +114,9 @@ def _with_cache_breakpoint(messages: list[dict[str, Any]]) -> list[dict[str, Any
 
 class AgentTurnActivities:
     def __init__(self, registry: Registry, model_client: anthropic.AsyncAnthropic, model: str,
-                 max_tokens: int = 4096) -> None:
+                 max_tokens: int = 4096, executor: EffectExecutor | None = None) -> None:
         self.registry = registry
+        self.executor = executor
         self.client = model_client
         self.model = model
         self.max_tokens = max_tokens
@@ -129,61 +157,114 @@ class AgentTurnActivities:
         log.info("agent_turn.start", scenario="A" if created else "B", history=len(before))
 
         tool = OUTPUT_TOOLS[inp.role]
+        toolbox = self._toolbox(inp)
+        offered = [_output_tool(inp.role), *(tool_definitions(inp.role) if toolbox else [])]
         usage = TokenUsage()
         conversation = [{"role": m.role, "content": m.content} for m in before]
+        turn_start = len(conversation)
         last_assistant = next((m for m in reversed(before) if m.role == "assistant"), None)
         user = [*_tool_results_for(last_assistant), {"type": "text", "text": text}]
-        replayed = True
-        for step in (0, 1):
-            exchange = self._recorded(recorded, step, inp.role)
+        replayed, repaired, invalid_streak = True, False, 0
+        for step in range(inp.max_tool_steps):
+            exchange = self._recorded(recorded, step, inp.role, toolbox is not None)
             if exchange is None:
                 replayed = False
-                exchange = await self._call_model(prompt.system, tool, inp.role, conversation, user)
+                exchange = await self._call_model(prompt.system, inp.role, offered, conversation,
+                                                  user, forced=toolbox is None)
                 stored = await asyncio.to_thread(
                     self.registry.append_exchange, session.id, turn=inp.turn, step=step,
                     user_content=exchange.user, assistant_content=exchange.assistant,
-                    model=exchange.model, usage=exchange.usage, valid=exchange.output is not None,
-                    error=exchange.error,
+                    model=exchange.model, usage=exchange.usage, error=exchange.error,
+                    valid=True if exchange.output is not None else (
+                        False if exchange.error is not None else None),
                     prompt_version=prompt.version, source=exchange.source, trust=exchange.trust,
                     status="idle" if exchange.output is not None else None,
                 )
                 if not stored:  # a concurrent attempt recorded this exchange first: use theirs
                     fresh = await asyncio.to_thread(self.registry.messages, session.id)
                     recorded = {(m.step, m.role): m for m in fresh if m.turn == inp.turn}
-                    exchange = self._recorded(recorded, step, inp.role)
+                    exchange = self._recorded(recorded, step, inp.role, toolbox is not None)
                     assert exchange is not None
                     log.info("agent_turn.duplicate_attempt_discarded", step=step)
                 else:
                     usage = usage + exchange.usage
+            conversation += [{"role": "user", "content": exchange.user},
+                             {"role": "assistant", "content": exchange.assistant}]
+            calls = [b for b in exchange.assistant if b.get("type") == "tool_use"]
             if exchange.output is not None:
-                log.info("agent_turn.done", replayed=replayed, repaired=step == 1,
+                for index, call in enumerate(calls):  # tools called beside the result still run
+                    if call.get("name") != tool and toolbox is not None:
+                        await self._run_tool(toolbox, call, step, index)
+                log.info("agent_turn.done", replayed=replayed, repaired=repaired, steps=step + 1,
                          input_tokens=usage.input_tokens, output_tokens=usage.output_tokens)
                 return AgentTurnResult(
                     session_id=session.id, session_name=session.name, turn=inp.turn,
                     output=exchange.output, model=exchange.model, source=exchange.source,
-                    trust=exchange.trust, usage=usage, replayed=replayed, repaired=step == 1,
+                    trust=exchange.trust, usage=usage, replayed=replayed, repaired=repaired,
+                    tool_calls=sum(1 for m in conversation[turn_start:] if m["role"] == "assistant"
+                                   for b in m["content"]
+                                   if b.get("type") == "tool_use" and b.get("name") != tool),
+                    changed_paths=_changed_paths(conversation[turn_start:], toolbox),
                 )
-            log.warning("agent_turn.invalid_output", step=step, error=exchange.error)
-            conversation += [{"role": "user", "content": exchange.user},
-                             {"role": "assistant", "content": exchange.assistant}]
+            if exchange.error is not None:
+                log.warning("agent_turn.invalid_output", step=step, error=exchange.error)
+                invalid_streak += 1
+                if invalid_streak == 2:
+                    await asyncio.to_thread(self.registry.set_status, inp.spec_id, [inp.role], "failed")
+                    raise ApplicationError(
+                        f"{inp.role.value} gave invalid output twice (turn {inp.turn}); "
+                        f"last error: {exchange.error}", type="InvalidModelOutput", non_retryable=True)
+                repaired = True
+            else:
+                invalid_streak = 0
             repair = prompt.render("repair", {"tool": tool, "error": exchange.error or ""})
-            user = [{"type": "tool_result", "tool_use_id": b["id"], "is_error": True, "content": repair}
-                    for b in exchange.assistant if b.get("type") == "tool_use"] or [
-                        {"type": "text", "text": repair}]
+            user = []
+            for index, call in enumerate(calls):
+                if call.get("name") == tool:
+                    user.append({"type": "tool_result", "tool_use_id": call["id"], "is_error": True,
+                                 "content": repair})
+                elif toolbox is None:
+                    user.append({"type": "tool_result", "tool_use_id": call["id"], "is_error": True,
+                                 "content": f"refused: no tools are available; call {tool}"})
+                else:
+                    user.append(await self._run_tool(toolbox, call, step, index))
+            if not user:
+                user = [{"type": "text", "text": repair}]
 
         await asyncio.to_thread(self.registry.set_status, inp.spec_id, [inp.role], "failed")
         raise ApplicationError(
-            f"{inp.role.value} gave invalid output twice (turn {inp.turn}); last error: {exchange.error}",
-            type="InvalidModelOutput", non_retryable=True,
-        )
+            f"{inp.role.value} tool loop cut at {inp.max_tool_steps} model calls without a result "
+            f"(turn {inp.turn})", type="ToolLoopExceeded", non_retryable=True)
+
+    def _toolbox(self, inp: AgentTurnInput) -> ToolBox | None:
+        if inp.workspace is None or self.executor is None:
+            return None
+        return ToolBox(role=inp.role, workspace=inp.workspace, executor=self.executor,
+                       spec_id=inp.spec_id, run_id=activity.info().workflow_run_id,
+                       step_prefix=f"i{inp.iteration}/{inp.role.value}/t{inp.turn}",
+                       check_timeout_s=inp.check_timeout_s)
+
+    async def _run_tool(self, toolbox: ToolBox, call: dict[str, Any], step: int,
+                        index: int) -> dict[str, Any]:
+        outcome = await asyncio.to_thread(toolbox.run, call.get("name", ""), call.get("input"),
+                                          f"x{step}/c{index}")
+        log.info("agent_turn.tool", tool=call.get("name"), error=outcome.is_error)
+        block: dict[str, Any] = {"type": "tool_result", "tool_use_id": call["id"],
+                                 "content": outcome.text}
+        if outcome.is_error:
+            block["is_error"] = True
+        return block
 
     @staticmethod
     def _recorded(recorded: dict[tuple[int, str], SessionMessage], step: int,
-                  role: Role) -> Exchange | None:
+                  role: Role, tools: bool) -> Exchange | None:
         user, answer = recorded.get((step, "user")), recorded.get((step, "assistant"))
         if user is None or answer is None:
             return None
-        output, error = _validate(role, answer.content) if answer.valid else (None, answer.error)
+        if answer.valid:
+            output, error = _classify(role, answer.content, tools)
+        else:
+            output, error = None, answer.error
         return Exchange(
             user=user.content, assistant=answer.content, model=answer.model or "", output=output,
             error=error, source=answer.source, trust=answer.trust,
@@ -192,22 +273,25 @@ class AgentTurnActivities:
                              cache_creation_input_tokens=answer.cache_write_tokens),
         )
 
-    async def _call_model(self, system: str, tool: str, role: Role,
-                          conversation: list[dict[str, Any]], user: list[dict[str, Any]]) -> Exchange:
+    async def _call_model(self, system: str, role: Role, offered: list[dict[str, Any]],
+                          conversation: list[dict[str, Any]], user: list[dict[str, Any]],
+                          *, forced: bool) -> Exchange:
         messages = _with_cache_breakpoint([*conversation, {"role": "user", "content": user}])
+        tool_choice = ({"type": "tool", "name": OUTPUT_TOOLS[role], "disable_parallel_tool_use": True}
+                       if forced else {"type": "any"})
         try:
             message = await self.client.messages.create(
                 model=self.model,
                 max_tokens=self.max_tokens,
                 system=[{"type": "text", "text": system, "cache_control": {"type": "ephemeral"}}],
                 messages=messages,  # type: ignore[arg-type]
-                tools=[_output_tool(role)],
-                tool_choice={"type": "tool", "name": tool, "disable_parallel_tool_use": True},
+                tools=offered,  # type: ignore[arg-type]
+                tool_choice=tool_choice,  # type: ignore[arg-type]
             )
         except anthropic.AnthropicError as exc:
             raise to_temporal_error(exc, endpoint=str(self.client.base_url)) from exc
         content = [b.model_dump(mode="json", exclude_none=True) for b in message.content]
-        output, error = _validate(role, content)
+        output, error = _classify(role, content, not forced)
         u = message.usage
         return Exchange(
             user=user, assistant=content, model=message.model, output=output, error=error,

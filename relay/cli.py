@@ -17,6 +17,7 @@ from typing import Annotated, Any, Optional
 import typer
 from rich.console import Console
 from rich.prompt import Prompt
+from rich.text import Text
 
 from relay import logs, view
 from relay.client import InvalidAnswer, InvalidRequest, RelayClient, RelayError, SpecFailed
@@ -33,6 +34,16 @@ Address = Annotated[Optional[str], typer.Option("--address", help="Temporal HOST
 AsJson = Annotated[bool, typer.Option("--json", help="Print JSON instead of tables")]
 DEV_FILE = "dev.json"
 TERMINAL = {Phase.completed, Phase.failed, Phase.cancelled}
+
+
+def fail(message: object) -> None:
+    """Print one line `error: ...` to stderr, whatever the message contains."""
+    err.print(Text.assemble(("error:", "red"), " ", " ".join(str(message).split())), soft_wrap=True)
+
+
+def say(message: str) -> None:
+    """A plain line on stdout (ids and acknowledgements that scripts capture)."""
+    out.print(Text(message), soft_wrap=True)
 
 
 def settings_for(address: str | None = None) -> RelaySettings:
@@ -57,7 +68,7 @@ def run_async(coro: Any) -> Any:
     try:
         return asyncio.run(coro)
     except RelayError as exc:
-        err.print(f"[red]error:[/red] {exc}")
+        fail(exc)
         raise typer.Exit(1) from None
 
 
@@ -156,7 +167,7 @@ def demo(auto_answer: Annotated[bool, typer.Option(help="Answer the clarifier's 
         try:
             rc = await RelayClient.connect(settings)
             spec_id = await rc.run(request)
-            out.print(f"Started spec [bold]{spec_id}[/bold] from the example request:\n{request}\n")
+            say(f"Started spec {spec_id} from the example request:\n{request}\n")
             code = await follow(rc, spec_id, "auto" if auto_answer else "interactive")
             if keep_running:
                 err.print("Still running; press Ctrl-C to stop.")
@@ -183,7 +194,7 @@ def run(request: Annotated[str, typer.Argument(help="The request text, or a file
     async def go() -> int:
         rc = await _client(address)
         sid = await rc.run(text, spec_id=spec_id)
-        out.print(sid)
+        say(sid)
         return await follow(rc, sid, "interactive") if follow_ else 0
 
     raise typer.Exit(run_async(go()))
@@ -198,7 +209,7 @@ def iterate(spec_id: str, change_request: Annotated[str, typer.Argument(help="Th
     async def go() -> int:
         rc = await _client(address)
         await rc.iterate(spec_id, text)
-        out.print(f"{spec_id}: next iteration started")
+        say(f"{spec_id}: next iteration started")
         return await follow(rc, spec_id, "interactive") if follow_ else 0
 
     raise typer.Exit(run_async(go()))
@@ -226,7 +237,7 @@ def answer(spec_id: str,
         else:
             raise InvalidAnswer("no answers given: use --answer ID=TEXT or --json, or run in a terminal")
         ack = await rc.answer(spec_id, given)
-        out.print(f"accepted answers {', '.join(ack.accepted)} (round {ack.round})")
+        say(f"accepted answers {', '.join(ack.accepted)} (round {ack.round})")
 
     run_async(go())
 
@@ -269,7 +280,7 @@ def cancel(spec_id: str, address: Address = None) -> None:
 
     async def go() -> None:
         await (await _client(address)).cancel(spec_id)
-        out.print(f"{spec_id}: cancellation requested")
+        say(f"{spec_id}: cancellation requested")
 
     run_async(go())
 
@@ -284,7 +295,7 @@ def sessions(spec_id: str, as_json: AsJson = False) -> None:
     try:
         rows = _registry_client().sessions(spec_id)
     except RelayError as exc:
-        err.print(f"[red]error:[/red] {exc}")
+        fail(exc)
         raise typer.Exit(1) from None
     if as_json:
         out.print_json(json.dumps([r.model_dump(mode="json") for r in rows]))
@@ -298,7 +309,7 @@ def history(spec_id: str, role: str, as_json: AsJson = False) -> None:
     try:
         session, messages = _registry_client().history(spec_id, role)
     except RelayError as exc:
-        err.print(f"[red]error:[/red] {exc}")
+        fail(exc)
         raise typer.Exit(1) from None
     if as_json:
         out.print_json(json.dumps([m.model_dump(mode="json") for m in messages]))
@@ -320,7 +331,7 @@ async def follow(rc: RelayClient, spec_id: str, answer_mode: str) -> int:
         st = await rc.status(spec_id)
         line = view.progress_line(st)
         if line != last:
-            out.print(line)
+            say(line)
             last = line
         if st.phase in TERMINAL:
             break
@@ -333,9 +344,9 @@ async def follow(rc: RelayClient, spec_id: str, answer_mode: str) -> int:
                 try:
                     await rc.answer(spec_id, given)
                 except InvalidAnswer as exc:
-                    err.print(f"[yellow]{exc}[/yellow]")
+                    err.print(Text(str(exc), style="yellow"), soft_wrap=True)
             else:
-                out.print(f"waiting for answers: run [bold]relay answer {spec_id}[/bold]")
+                say(f"waiting for answers: run relay answer {spec_id}")
                 if answer_mode == "interactive":
                     return 0
         await asyncio.sleep(0.25)
@@ -343,7 +354,7 @@ async def follow(rc: RelayClient, spec_id: str, answer_mode: str) -> int:
         view.print_result(out, await rc.result(spec_id))
         return 0
     except SpecFailed as exc:
-        err.print(f"[red]error:[/red] {exc}")
+        fail(exc)
         return 1
 
 
@@ -385,17 +396,20 @@ def parse_answer_pairs(pairs: list[str]) -> dict[str, str]:
 
 def _request_text(arg: str) -> str:
     """The argument itself, or the contents of the file it names."""
-    looks_like_path = len(arg) < 4096 and "\n" not in arg
     path = Path(arg)
-    if looks_like_path and path.suffix in {".md", ".txt", ".json"} and not path.is_file():
-        err.print(f"[red]error:[/red] file not found: {arg}")
-        raise typer.Exit(1)
-    if looks_like_path and path.is_file():
+    try:
+        is_file = len(arg) < 4096 and "\n" not in arg and path.is_file()
+    except (OSError, ValueError):  # too long to be a file name: it is the request itself
+        is_file = False
+    if is_file:
         try:
             return path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:
-            err.print(f"[red]error:[/red] cannot read {arg}: {exc}")
+            fail(f"cannot read {arg}: {exc}")
             raise typer.Exit(1) from None
+    if not any(c.isspace() for c in arg.strip()) and path.suffix in {".md", ".txt", ".json"}:
+        fail(f"file not found: {arg}")
+        raise typer.Exit(1)
     return arg
 
 
@@ -407,7 +421,7 @@ def main() -> None:
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     except RelayError as exc:
-        err.print(f"[red]error:[/red] {exc}")
+        fail(exc)
         code = 1
     sys.stdout.flush()
     sys.stderr.flush()

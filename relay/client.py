@@ -108,7 +108,7 @@ class RelayClient:
             client = await asyncio.wait_for(
                 Client.connect(target, namespace=settings.namespace,
                                data_converter=pydantic_data_converter), timeout=15)
-        except (RuntimeError, OSError, asyncio.TimeoutError) as exc:
+        except (RuntimeError, OSError, ValueError, asyncio.TimeoutError) as exc:
             raise TemporalUnreachable(f"cannot reach Temporal at {target}: "
                                       f"{_one_line(str(exc)) or 'timed out'}") from None
         return cls(client, settings)

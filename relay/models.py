@@ -8,7 +8,7 @@ Every field added later must carry a default so running workflows keep decoding.
 from __future__ import annotations
 
 from enum import Enum
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -119,6 +119,30 @@ class Limits(BaseModel):
     model_max_attempts: int = Field(default=6, ge=1)
     turn_timeout_s: float = Field(default=600, gt=0)
     heartbeat_timeout_s: float = Field(default=60, gt=0)
+    max_tool_steps: int = Field(default=25, ge=1, description="model calls per agent turn with tools")
+    check_timeout_s: float = Field(default=300, gt=0)
+    effect_max_attempts: int = Field(default=5, ge=1)
+    compensation_max_attempts: int = Field(default=3, ge=1)
+
+
+class WorkspaceInput(BaseModel):
+    """Where the agents work: a git repository (or, without a path, a fresh one relay creates)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    path: str | None = Field(default=None, description="Path of a git repository on the workers")
+    target: str = Field(default="main", min_length=1, description="Branch the change is delivered to")
+    check: str | None = Field(default=None, description="Check command run by the validator")
+
+
+class HookEffect(BaseModel):
+    """An adopter's registered effect, run by the pipeline at a stage."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    effect: str
+    payload: dict[str, Any] = Field(default_factory=dict)
+    at: Literal["prepare", "deliver"] = "prepare"
 
 
 class SpecInput(BaseModel):
@@ -129,6 +153,29 @@ class SpecInput(BaseModel):
     request: str = Field(description="The request (first run) or the change request (iterate)")
     iterate: bool = Field(default=False, description="Next iteration of an existing spec")
     limits: Limits = Field(default_factory=Limits)
+    workspace: WorkspaceInput = Field(default_factory=WorkspaceInput)
+    auto_approve: bool = Field(default=False, description="Deliver without waiting for a human")
+    hooks: list[HookEffect] = Field(default_factory=list)
+
+
+class ApprovalInput(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    reviewer: str | None = None
+    comment: str | None = None
+
+
+class RejectInput(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    reason: str = Field(min_length=1)
+    reviewer: str | None = None
+
+
+class Decision(BaseModel):
+    approved: bool
+    reviewer: str | None = None
+    reason: str | None = None
 
 
 class AnswerInput(BaseModel):
@@ -192,12 +239,27 @@ TurnKind = Literal[
 ]
 
 
+class WorkspaceRef(BaseModel):
+    """A prepared workspace: the branch's worktree the agents' tools act in."""
+
+    repo: str
+    target: str
+    branch: str
+    worktree: str
+    check: str | None = None
+    base: str = ""
+
+
 class AgentTurnInput(BaseModel):
     spec_id: str
     role: Role
     turn: int = Field(ge=1, description="Turn number within the role's session; the idempotency key")
     kind: TurnKind
     variables: dict[str, str] = Field(default_factory=dict)
+    iteration: int = 1
+    workspace: WorkspaceRef | None = None
+    max_tool_steps: int = 25
+    check_timeout_s: float = 300
 
 
 class AgentTurnResult(BaseModel):
@@ -211,6 +273,69 @@ class AgentTurnResult(BaseModel):
     usage: TokenUsage = Field(default_factory=TokenUsage)
     replayed: bool = Field(default=False, description="Served from the registry, model not called")
     repaired: bool = False
+    tool_calls: int = 0
+    effects: list[str] = Field(default_factory=list, description="Ledger keys of effects made")
+    changed_paths: list[str] = Field(default_factory=list)
+
+
+class EffectInput(BaseModel):
+    spec_id: str
+    step: str = Field(description="Stable id of the step within the spec, e.g. i1/commit/r2")
+    effect: str
+    payload: dict[str, Any] = Field(default_factory=dict)
+    key: str | None = Field(default=None, description="Explicit idempotency key (adopters)")
+    max_attempts: int = 5
+    reversible_only: bool = Field(default=False, description="Refuse irreversible effects")
+
+
+class PrepareWorkspaceInput(BaseModel):
+    spec_id: str
+    iteration: int = 1
+    workspace: WorkspaceInput = Field(default_factory=WorkspaceInput)
+
+
+class EffectResult(BaseModel):
+    key: str
+    effect: str
+    status: str
+    result: dict[str, Any] = Field(default_factory=dict)
+    replayed: bool = False
+
+
+class EffectRef(BaseModel):
+    key: str
+    effect: str
+    step: str
+    status: str
+    reversible: bool = True
+    error: str | None = None
+
+
+class PendingCompensationsInput(BaseModel):
+    spec_id: str
+    run_id: str | None = None
+
+
+class CompensateInput(BaseModel):
+    key: str
+
+
+class NeedsHumanInput(BaseModel):
+    key: str
+    reason: str
+
+
+class CompensationInput(BaseModel):
+    """Input of the SpecCompensation workflow (`relay compensate`)."""
+
+    spec_id: str
+    limits: Limits = Field(default_factory=Limits)
+
+
+class CompensationReport(BaseModel):
+    spec_id: str
+    compensated: list[EffectRef] = Field(default_factory=list)
+    needs_human: list[EffectRef] = Field(default_factory=list)
 
 
 class SessionStateInput(BaseModel):
@@ -232,6 +357,9 @@ class Phase(str, Enum):
     auditing = "auditing"
     constructing = "constructing"
     validating = "validating"
+    waiting_for_approval = "waiting_for_approval"
+    delivering = "delivering"
+    compensating = "compensating"
     completed = "completed"
     failed = "failed"
     cancelled = "cancelled"
@@ -257,12 +385,18 @@ class Status(BaseModel):
     outcome: str | None = None
     error: str | None = None
     rejected_inputs: list[str] = Field(default_factory=list)
+    waiting_for: str | None = None
+    workspace: WorkspaceRef | None = None
+    effects: list[EffectRef] = Field(default_factory=list)
+    needs_human: list[EffectRef] = Field(default_factory=list)
+    decision: Decision | None = None
+    delivery: dict[str, Any] | None = None
 
 
 class PipelineResult(BaseModel):
     spec_id: str
     iteration: int
-    outcome: Literal["approved", "plan_rejected", "change_rejected"]
+    outcome: Literal["approved", "delivered", "plan_rejected", "change_rejected", "rejected"]
     clarified_spec: str
     plan: Plan
     change: Change | None = None
@@ -270,3 +404,8 @@ class PipelineResult(BaseModel):
     flags: list[str] = Field(default_factory=list)
     usage: TokenUsage = Field(default_factory=TokenUsage)
     models: list[str] = Field(default_factory=list)
+    delivery: dict[str, Any] | None = None
+    branch: str | None = None
+    compensated: list[EffectRef] = Field(default_factory=list)
+    needs_human: list[EffectRef] = Field(default_factory=list)
+    decision: Decision | None = None

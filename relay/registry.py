@@ -133,6 +133,8 @@ class Registry:
         return registry
 
     def create_tables(self) -> None:
+        import relay.ledger  # noqa: F401  (its table belongs to the same schema)
+
         SQLModel.metadata.create_all(self.engine)
 
     # --- specs ------------------------------------------------------------------

@@ -25,7 +25,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ValidationError
 
-from relay.models import ROLE_BY_TOOL, SCRIPTED_MODEL_PREFIX, Role
+from relay import scripted_workspace
+from relay.models import OUTPUT_TOOLS, ROLE_BY_TOOL, SCRIPTED_MODEL_PREFIX, Role
 
 FaultKind = Literal["rate_limit", "overloaded", "server_error", "auth_error", "slow", "invalid_output"]
 
@@ -137,9 +138,19 @@ ROLE_ANSWERS = {Role.clarifier: _clarifier, Role.planner: _planner, Role.auditor
 def role_output(role: Role, messages: Any) -> dict:
     """The forced tool's input for `role`, given the request's `messages` history."""
     messages = [m for m in messages if isinstance(m, dict)] if isinstance(messages, list) else []
-    texts = [_said(m.get("content")) for m in messages if m.get("role") == "user"] or [""]
-    prior = sum(1 for m in messages if m.get("role") == "assistant")
+    texts = [t for t in (_said(m.get("content")) for m in messages if m.get("role") == "user") if t]
+    texts = texts or [""]
+    prior = sum(1 for m in messages if m.get("role") == "assistant" and _calls_output(role, m))
     return ROLE_ANSWERS[role](texts[0], texts[-1], prior)
+
+
+def _calls_output(role: Role, message: dict) -> bool:
+    """Whether an assistant message gave the role's result (tool-free answers always do)."""
+    content = message.get("content")
+    if not isinstance(content, list):
+        return True
+    names = [b.get("name") for b in content if isinstance(b, dict) and b.get("type") == "tool_use"]
+    return not names or OUTPUT_TOOLS[role] in names
 
 
 def _tokens(value: Any) -> int:
@@ -151,10 +162,19 @@ def error_body(error_type: str, message: str) -> dict:
 
 
 def _role_of(body: Any) -> Role | None:
+    """The role from the forced output tool, or (tool_choice any) from the offered tools."""
     choice = body.get("tool_choice") if isinstance(body, dict) else None
     if isinstance(choice, dict) and choice.get("type") == "tool":
         return ROLE_BY_TOOL.get(choice.get("name"))  # type: ignore[arg-type]
+    if isinstance(choice, dict) and choice.get("type") == "any":
+        names = [t.get("name") for t in body.get("tools") or [] if isinstance(t, dict)]
+        return next((ROLE_BY_TOOL[n] for n in names if n in ROLE_BY_TOOL), None)
     return None
+
+
+def _workspace_tools(body: dict) -> set[str]:
+    return {t.get("name") for t in body.get("tools") or []
+            if isinstance(t, dict) and t.get("name") not in ROLE_BY_TOOL}
 
 
 # --- HTTP --------------------------------------------------------------------
@@ -352,21 +372,34 @@ class ScriptedModel:
             time.sleep(fault.delay_s)
         if kind == "invalid_output":
             output: dict = {"unexpected": True}
-        else:
-            output = role_output(role, body.get("messages"))
+            self._record(role, body, 200, kind, auth)
+            return 200, self._message(body, [(OUTPUT_TOOLS[role], output)]), {}
+        messages = [m for m in body.get("messages") or [] if isinstance(m, dict)]
+        tools = _workspace_tools(body)
+        calls = None
+        if tools:
+            original = next((t for t in (_said(m.get("content")) for m in messages
+                                         if m.get("role") == "user") if t), "")
+            calls = scripted_workspace.next_calls(role, messages, original, tools)
+        if calls is None:
+            output = role_output(role, messages)
+            if tools:
+                output = scripted_workspace.final_output(role, messages, output)
+            calls = [(OUTPUT_TOOLS[role], output)]
         self._record(role, body, 200, kind, auth)
-        return 200, self._message(body, output), {}
+        return 200, self._message(body, calls), {}
 
-    def _message(self, body: dict, output: dict) -> dict:
+    def _message(self, body: dict, calls: list[tuple[str, dict]]) -> dict:
         n = next(self._ids)
+        content = [{"type": "tool_use", "id": f"toolu_scripted_{n}_{i}", "name": name, "input": args}
+                   for i, (name, args) in enumerate(calls)]
         return {
             "id": f"msg_scripted_{n}", "type": "message", "role": "assistant",
             "model": body.get("model") or self.model_name,
-            "content": [{"type": "tool_use", "id": f"toolu_scripted_{n}",
-                         "name": body["tool_choice"]["name"], "input": output}],
+            "content": content,
             "stop_reason": "tool_use", "stop_sequence": None,
             "usage": {"input_tokens": _tokens([body.get("system"), body.get("messages")]),
-                      "output_tokens": _tokens(output),
+                      "output_tokens": _tokens(content),
                       "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0},
         }
 

@@ -47,6 +47,9 @@ class RelaySettings(BaseSettings):
     max_cached_workflows: int = Field(default=1000, ge=0, description="worker's sticky cache")
     max_concurrent_activities: int = Field(default=100, ge=1)
 
+    effects: str | None = Field(default=None, description="module:attribute of an EffectRegistry")
+    failpoints: str = Field(default="", description="test only: crash the worker at these points")
+
     log_format: str = Field(default="auto", description="auto | json | console")
     log_level: str = "info"
 

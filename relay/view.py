@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.panel import Panel
 from rich.table import Table
+from rich.text import Text
 
 from relay.models import PipelineResult, Question, Status, TokenUsage, is_scripted
 from relay.registry import AgentSession, SessionMessage
@@ -43,11 +44,11 @@ def progress_line(st: Status) -> str:
 def print_questions(console: Console, questions: list[Question]) -> None:
     console.print("[bold]The clarifier asks:[/bold]")
     for q in questions:
-        console.print(f"  [bold]{q.id}[/bold]  {q.text}")
+        console.print(Text.assemble("  ", (q.id, "bold"), "  ", q.text))
 
 
 def print_status(console: Console, st: Status) -> None:
-    console.print(f"[bold]{st.spec_id}[/bold] · iteration {st.iteration} · phase "
+    console.print(f"[bold]{escape(st.spec_id)}[/bold] · iteration {st.iteration} · phase "
                   f"[bold]{st.phase.value}[/bold]"
                   + (f" · current agent {st.current_role.value}" if st.current_role else ""))
     console.print(f"model: {model_label(st.models)}")
@@ -64,23 +65,23 @@ def print_status(console: Console, st: Status) -> None:
     console.print(f"usage this run: {usage_text(st.usage)}")
     for label, items in (("flags", st.flags), ("rejected inputs", st.rejected_inputs)):
         if items:
-            console.print(f"{label}: " + "; ".join(items))
+            console.print(Text(f"{label}: " + "; ".join(items)), soft_wrap=True)
     if st.error:
-        console.print(f"[red]error: {st.error}[/red]")
+        console.print(Text(f"error: {st.error}", style="red"), soft_wrap=True)
 
 
 def print_result(console: Console, res: PipelineResult) -> None:
-    console.print(Panel(res.clarified_spec, title=f"{res.spec_id} · iteration {res.iteration} · "
-                                                  f"clarified spec"))
+    console.print(Panel(Text(res.clarified_spec), title=Text(
+        f"{res.spec_id} · iteration {res.iteration} · clarified spec")))
     steps = "\n".join(f"{i}. {s}" for i, s in enumerate(res.plan.steps, 1))
-    console.print(Panel(f"{res.plan.summary}\n\n{steps}", title="plan"))
+    console.print(Panel(Text(f"{res.plan.summary}\n\n{steps}"), title="plan"))
     if res.change:
         files = "\n".join(f"  {f.path} ({len(f.content)} chars)" for f in res.change.files)
-        console.print(Panel(f"{res.change.summary}\n{files}", title="change"))
+        console.print(Panel(Text(f"{res.change.summary}\n{files}".rstrip()), title="change"))
     if res.validation:
         verdict = "approved" if res.validation.approved else "rejected: " + "; ".join(
             res.validation.failures)
-        console.print(f"validator: {verdict}")
+        console.print(Text(f"validator: {verdict}"))
     console.print(f"outcome: [bold]{res.outcome}[/bold]")
     if res.flags:
         console.print("flags: " + ", ".join(res.flags))
@@ -89,14 +90,19 @@ def print_result(console: Console, res: PipelineResult) -> None:
 
 
 def print_sessions(console: Console, rows: list[AgentSession]) -> None:
-    table = Table("name", "role", "session id", "state", "turns", "tokens in/out",
-                  "cache read/write", "model", "prompt")
+    table = Table("name", "session id", "state", "turns", "tokens in/out", "cache r/w", "model")
+    for column in table.columns[:2]:
+        column.no_wrap = True
     for s in rows:
-        table.add_row(s.name, s.role, s.id, s.status, str(s.turns),
+        table.add_row(s.name, s.id, s.status, str(s.turns),
                       f"{s.input_tokens:,}/{s.output_tokens:,}",
-                      f"{s.cache_read_tokens:,}/{s.cache_write_tokens:,}",
-                      model_label(s.model), s.prompt_version or "-")
+                      f"{s.cache_read_tokens:,}/{s.cache_write_tokens:,}", s.model or "-")
     console.print(table)
+    if any(is_scripted(s.model) for s in rows):
+        console.print(SCRIPTED_NOTE)
+    versions = sorted({s.prompt_version for s in rows if s.prompt_version})
+    if versions:
+        console.print(Text("prompts: " + ", ".join(versions)), soft_wrap=True)
 
 
 def _block_text(block: dict[str, Any]) -> str:
@@ -113,11 +119,11 @@ def _block_text(block: dict[str, Any]) -> str:
 
 
 def print_history(console: Console, session: AgentSession, messages: list[SessionMessage]) -> None:
-    console.print(f"[bold]{session.name}[/bold] ({session.role}, {session.id}) · "
+    console.print(f"[bold]{escape(session.name)}[/bold] ({session.role}, {session.id}) · "
                   f"{len(messages)} messages · {session.turns} turns")
     for m in messages:
         body = "\n".join(_block_text(b) for b in m.content)
         extra = "" if m.role == "user" else f" · {m.model} · {m.source}/{m.trust}" + (
             " · [red]invalid[/red]" if m.valid is False else "")
-        console.print(Panel(body, title=f"#{m.seq} turn {m.turn} {m.role}{extra}",
-                            title_align="left"))
+        console.print(Panel(Text(body), title=Text.from_markup(
+            f"#{m.seq} turn {m.turn} {m.role}{extra}"), title_align="left"))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from asyncio.subprocess import DEVNULL, PIPE
+import re
 from collections.abc import AsyncIterator
 
 import anthropic
@@ -19,7 +19,7 @@ import pytest_asyncio
 from temporalio.client import Client, WorkflowExecutionStatus, WorkflowFailureError
 
 from relay.client import (
-    InvalidAnswer, InvalidRequest, RelayClient, SpecAlreadyExists, SpecAlreadyRunning, SpecFailed,
+    InvalidAnswer, InvalidRequest, RelayClient, RelayError, SpecAlreadyExists, SpecAlreadyRunning, SpecFailed,
     SpecNotFound, SpecNotRunning, TemporalUnreachable,
 )
 from relay.models import Phase
@@ -27,7 +27,7 @@ from relay.scripted_model import Fault
 from worker.devserver import free_port
 from worker.main import SCRIPTED_MODEL, ModelEndpoint, build_worker
 
-from tests.conftest import ANSWERS, RELAY_CMD, cli_env, run_spec, spec_id, wait_for, wait_for_questions
+from tests.conftest import ANSWERS, run_spec, spec_id, wait_for, wait_for_questions
 from tests.test_cli import cli, ok, temporal_cli
 
 FAST = 20.0  # seconds: every bad input is answered well within this
@@ -46,15 +46,6 @@ def cli_error(result: tuple[int, str, str]) -> str:
              if line.strip() and not line.lstrip().startswith("{")]  # JSON log records aside
     assert lines and lines[0].startswith("error: "), f"no error line in stderr:\n{err}"
     return " ".join(lines)
-
-
-async def cli_with(settings, extra_env: dict[str, str], *args: str) -> tuple[int, str, str]:
-    """Run `relay ARGS...` with extra environment settings."""
-    proc = await asyncio.create_subprocess_exec(
-        *RELAY_CMD, *args, env={**cli_env(settings), **extra_env}, stdin=DEVNULL,
-        stdout=PIPE, stderr=PIPE)
-    out, err = await asyncio.wait_for(proc.communicate(), 60)
-    return proc.returncode, out.decode(), err.decode()
 
 
 async def raw_start(settings, sid: str, payload: object) -> None:
@@ -110,7 +101,7 @@ async def test_oversized_request_is_refused_by_the_client_and_cli(relay, client,
 
     path = tmp_path / "big.md"
     path.write_text("é" * 501, encoding="utf-8")  # 501 characters, 1002 bytes
-    message = cli_error(await cli_with(settings, {"RELAY_MAX_REQUEST_BYTES": "1000"}, "run", str(path)))
+    message = cli_error(await cli(settings, "run", str(path), env={"RELAY_MAX_REQUEST_BYTES": "1000"}))
     assert message.startswith("error: the request is 1002 bytes; the limit is 1000 bytes")
 
 
@@ -126,7 +117,7 @@ async def test_long_one_line_request_on_the_command_line(relay, settings):
     assert code == 0, err
     assert out.strip() == sid
     await wait_for_questions(relay, sid)
-    message = cli_error(await cli_with(settings, {"RELAY_MAX_REQUEST_BYTES": "300"}, "run", request))
+    message = cli_error(await cli(settings, "run", request, env={"RELAY_MAX_REQUEST_BYTES": "300"}))
     assert message.startswith("error: the request is 364 bytes; the limit is 300 bytes")
 
 
@@ -292,22 +283,20 @@ async def test_cli_answer_errors(relay, settings):
     sid = await relay.run("Write a greeting module", spec_id=spec_id())
     await wait_for_questions(relay, sid)
 
-    message = cli_error(await cli(settings, "answer", sid, "--json", "not json"))
-    assert message.startswith("error: malformed JSON in --json:")
-    message = cli_error(await cli(settings, "answer", sid, "--json", '["q1", "q2"]'))
-    assert message.startswith("error: --json must be an object of question id to text")
-    message = cli_error(await cli(settings, "answer", sid, "--json", '{"q1": 1, "q2": 2}'))
-    assert message.startswith("error: --json must be an object of question id to text")
-    message = cli_error(await cli(settings, "answer", sid, "--answer", "noequals"))
-    assert message == "error: --answer takes ID=TEXT, got 'noequals'"
-    message = cli_error(await cli(settings, "answer", sid, "--answer", "=text"))
-    assert message == "error: --answer takes ID=TEXT, got '=text'"
-    message = cli_error(await cli(settings, "answer", sid))
-    assert message.startswith("error: no answers given: use --answer ID=TEXT or --json")
-    message = cli_error(await cli(settings, "answer", sid, "--answer", "q1=yes", "--answer", "zz=no"))
-    assert message.startswith("error: answer rejected: unknown question ids ['zz']")
-    message = cli_error(await cli(settings, "answer", sid, "--answer", "q1=yes"))
-    assert message.startswith("error: answer rejected: missing answers for ['q2']")
+    cases = {  # independent and all refused, so they run side by side
+        ("--json", "not json"): "error: malformed JSON in --json:",
+        ("--json", '["q1", "q2"]'): "error: --json must be an object of question id to text",
+        ("--json", '{"q1": 1, "q2": 2}'): "error: --json must be an object of question id to text",
+        ("--answer", "noequals"): "error: --answer takes ID=TEXT, got 'noequals'",
+        ("--answer", "=text"): "error: --answer takes ID=TEXT, got '=text'",
+        (): "error: no answers given: use --answer ID=TEXT or --json",
+        ("--answer", "q1=yes", "--answer", "zz=no"):
+            "error: answer rejected: unknown question ids ['zz']; pending: ['q1', 'q2']",
+        ("--answer", "q1=yes"): "error: answer rejected: missing answers for ['q2']",
+    }
+    results = await asyncio.gather(*(cli(settings, "answer", sid, *args) for args in cases))
+    for (args, expected), result in zip(cases.items(), results):
+        assert cli_error(result).startswith(expected), args
 
     st = await relay.status(sid)
     assert st.phase == Phase.waiting_for_answers and st.pending.round == 1
@@ -428,11 +417,11 @@ async def test_unreachable_temporal(settings):
 async def test_malformed_temporal_address(settings):
     """A malformed --address ('not an address', a port above 65535) gets a clear error, no traceback."""
     for address in ("not an address", "127.0.0.1:99999"):
-        with pytest.raises(TemporalUnreachable, match="cannot reach Temporal at"):
+        with pytest.raises(RelayError, match=re.escape(address)):
             await RelayClient.connect(settings, address=address)
     message = cli_error(await cli(settings, "status", "some-spec", "--address", "127.0.0.1:99999",
                                   timeout=FAST))
-    assert message.startswith("error: cannot reach Temporal at 127.0.0.1:99999")
+    assert "127.0.0.1:99999" in message
 
 
 @pytest_asyncio.fixture

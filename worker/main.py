@@ -23,10 +23,17 @@ from temporalio.worker import Worker
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 
 from activities import AgentTurnActivities, RegistryActivities
+from activities.effects import EffectActivities, EffectExecutor
+from activities.git_effects import git_effects
+from activities.workspace import WorkspaceActivities
+from relay.effects import EffectRegistry, load_registry
+from relay.failpoints import Failpoints
+from relay.ledger import Ledger
 from relay.models import PHASE_SEARCH_ATTRIBUTE, is_scripted
 from relay.registry import Registry
 from relay.scripted_model import ScriptedModel
 from relay.settings import RelaySettings
+from workflows.compensation import SpecCompensation
 from workflows.pipeline import SpecPipeline
 
 log = structlog.get_logger("relay.worker")
@@ -43,7 +50,7 @@ async def connect(address: str, namespace: str = "default") -> Client:
         return await asyncio.wait_for(
             Client.connect(address, namespace=namespace, data_converter=pydantic_data_converter),
             timeout=15)
-    except (RuntimeError, OSError, asyncio.TimeoutError) as exc:
+    except (RuntimeError, OSError, ValueError, asyncio.TimeoutError) as exc:
         raise TemporalUnreachable(f"cannot reach Temporal at {address}: {exc or 'timed out'}") from None
 
 
@@ -94,15 +101,32 @@ def model_endpoint(settings: RelaySettings) -> ModelEndpoint:
     return ModelEndpoint(client=client, model=model, scripted=scripted)
 
 
+def effect_registry(settings: RelaySettings, extra: EffectRegistry | None = None) -> EffectRegistry:
+    """The bundled git effects plus the adopter's (RELAY_EFFECTS=module:attribute)."""
+    effects = git_effects
+    if settings.effects:
+        effects = effects.merge(load_registry(settings.effects))
+    return effects.merge(extra) if extra is not None else effects
+
+
 def build_worker(client: Client, *, task_queue: str, registry: Registry,
-                 endpoint: ModelEndpoint, settings: RelaySettings, **options: object) -> Worker:
-    turns = AgentTurnActivities(registry, endpoint.client, endpoint.model, settings.max_tokens)
+                 endpoint: ModelEndpoint, settings: RelaySettings,
+                 effects: EffectRegistry | None = None, **options: object) -> Worker:
+    executor = EffectExecutor(Ledger(registry), effect_registry(settings, effects),
+                              settings.data_dir.resolve(), Failpoints(settings.failpoints))
+    turns = AgentTurnActivities(registry, endpoint.client, endpoint.model, settings.max_tokens,
+                                executor=executor)
     bookkeeping = RegistryActivities(registry)
+    side_effects = EffectActivities(executor)
+    workspace = WorkspaceActivities(executor, settings.data_dir)
     return Worker(
         client,
         task_queue=task_queue,
-        workflows=[SpecPipeline],
-        activities=[turns.agent_turn, bookkeeping.open_spec, bookkeeping.set_session_states],
+        workflows=[SpecPipeline, SpecCompensation],
+        activities=[turns.agent_turn, bookkeeping.open_spec, bookkeeping.set_session_states,
+                    side_effects.run_effect, side_effects.pending_compensations,
+                    side_effects.compensate_effect, side_effects.mark_needs_human,
+                    workspace.prepare_workspace],
         workflow_runner=SandboxedWorkflowRunner(
             restrictions=SandboxRestrictions.default.with_passthrough_modules(
                 "structlog", "relay.models", "workflows.render")),

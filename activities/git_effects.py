@@ -1,0 +1,229 @@
+"""The bundled git effects: branch + worktree, file writes, commits, delivery, cleanup.
+
+Each act is an "ensure" (safe to run again), each compensation tolerates
+nothing to undo. The user's checkout is only touched by `git.deliver`; every
+other write happens in a separate worktree on branch `relay/<spec id>`.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+from relay.effects import EffectContext, EffectRegistry, Payload
+
+git_effects = EffectRegistry()
+
+IDENTITY = ["-c", "user.name=relay", "-c", "user.email=relay@localhost", "-c", "commit.gpgsign=false"]
+
+
+class GitError(Exception):
+    """A git command failed; its message is git's own, on one line."""
+
+
+def git(*args: str, cwd: str | Path, check: bool = True) -> str:
+    env = {**os.environ, "GIT_TERMINAL_PROMPT": "0", "GIT_OPTIONAL_LOCKS": "0", "LC_ALL": "C"}
+    proc = subprocess.run(["git", *IDENTITY, *args], cwd=cwd, capture_output=True, text=True,
+                          env=env, timeout=120)
+    if check and proc.returncode != 0:
+        detail = " ".join((proc.stderr or proc.stdout).split())[:400]
+        raise GitError(f"git {' '.join(args[:3])} failed in {cwd}: {detail}")
+    return proc.stdout.strip()
+
+
+def ref_exists(repo: str, ref: str) -> bool:
+    return subprocess.run(["git", "rev-parse", "--verify", "--quiet", ref], cwd=repo,
+                          capture_output=True).returncode == 0
+
+
+def is_worktree(repo: str, path: str) -> bool:
+    listed = git("worktree", "list", "--porcelain", cwd=repo)
+    wanted = str(Path(path).resolve())
+    return any(line == f"worktree {wanted}" for line in listed.splitlines())
+
+
+def check_repository(repo: str, target: str) -> None:
+    if not Path(repo).is_dir():
+        raise GitError(f"workspace {repo} does not exist")
+    if subprocess.run(["git", "rev-parse", "--git-dir"], cwd=repo, capture_output=True).returncode:
+        raise GitError(f"workspace {repo} is not a git repository")
+    if not ref_exists(repo, f"refs/heads/{target}"):
+        raise GitError(f"workspace {repo} has no branch {target!r}")
+
+
+# --- branch and worktree ----------------------------------------------------------
+
+
+@git_effects.effect("git.prepare_workspace", reversible=True)
+def prepare_workspace(ctx: EffectContext, p: Payload) -> Payload:
+    repo, target, branch, worktree = p["repo"], p["target"], p["branch"], p["worktree"]
+    if p.get("create") and not (Path(repo) / ".git").exists():
+        Path(repo).mkdir(parents=True, exist_ok=True)
+        git("init", "-q", "-b", target, cwd=repo)
+        (Path(repo) / "README.md").write_text(f"# {ctx.spec_id}\n\nWorkspace created by relay.\n")
+        git("add", "README.md", cwd=repo)
+        git("commit", "-q", "-m", "Initial commit (relay workspace)", cwd=repo)
+    check_repository(repo, target)
+    if not ref_exists(repo, f"refs/heads/{branch}"):
+        git("branch", branch, target, cwd=repo)
+    if not is_worktree(repo, worktree):
+        if Path(worktree).exists():
+            shutil.rmtree(worktree)
+        Path(worktree).parent.mkdir(parents=True, exist_ok=True)
+        git("worktree", "add", "-q", worktree, branch, cwd=repo)
+    return {"base": git("rev-parse", target, cwd=repo), "worktree": worktree}
+
+
+@prepare_workspace.compensation
+def remove_workspace(ctx: EffectContext, p: Payload, undo: Payload | None, result: Payload | None) -> None:
+    repo, branch, worktree = p["repo"], p["branch"], p["worktree"]
+    if not Path(repo).exists():
+        return
+    if is_worktree(repo, worktree):
+        git("worktree", "remove", "--force", worktree, cwd=repo)
+    if Path(worktree).exists():
+        shutil.rmtree(worktree)
+    git("worktree", "prune", cwd=repo)
+    if ref_exists(repo, f"refs/heads/{branch}"):
+        git("branch", "-D", branch, cwd=repo)
+
+
+# --- files in the worktree ----------------------------------------------------------
+
+
+def _read(path: Path) -> Payload:
+    if path.is_file():
+        return {"existed": True, "content_b64": base64.b64encode(path.read_bytes()).decode()}
+    return {"existed": False}
+
+
+def _restore(path: Path, undo: Payload | None) -> None:
+    if undo is None:
+        return
+    if undo.get("existed"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(base64.b64decode(undo["content_b64"]))
+    elif path.is_file():
+        path.unlink()
+
+
+@git_effects.effect("git.write_file", reversible=True)
+def write_file(ctx: EffectContext, p: Payload) -> Payload:
+    path = Path(p["worktree"]) / p["path"]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = p["content"].encode("utf-8")
+    path.write_bytes(data)
+    return {"bytes": len(data)}
+
+
+@write_file.snapshot
+def _before_write(ctx: EffectContext, p: Payload) -> Payload:
+    return _read(Path(p["worktree"]) / p["path"])
+
+
+@write_file.compensation
+def _undo_write(ctx: EffectContext, p: Payload, undo: Payload | None, result: Payload | None) -> None:
+    if Path(p["worktree"]).is_dir():
+        _restore(Path(p["worktree"]) / p["path"], undo)
+
+
+@git_effects.effect("git.delete_file", reversible=True)
+def delete_file(ctx: EffectContext, p: Payload) -> Payload:
+    path = Path(p["worktree"]) / p["path"]
+    existed = path.is_file()
+    if existed:
+        path.unlink()
+    return {"deleted": existed}
+
+
+@delete_file.snapshot
+def _before_delete(ctx: EffectContext, p: Payload) -> Payload:
+    return _read(Path(p["worktree"]) / p["path"])
+
+
+@delete_file.compensation
+def _undo_delete(ctx: EffectContext, p: Payload, undo: Payload | None, result: Payload | None) -> None:
+    if Path(p["worktree"]).is_dir():
+        _restore(Path(p["worktree"]) / p["path"], undo)
+
+
+# --- commits ----------------------------------------------------------------------------
+
+
+def _commit_with_trailer(repo_or_worktree: str, branch: str, key: str) -> str | None:
+    if not ref_exists(repo_or_worktree, f"refs/heads/{branch}"):
+        return None
+    found = git("log", "--format=%H", f"--grep=Relay-Effect: {key}", branch, cwd=repo_or_worktree)
+    return found.splitlines()[0] if found else None
+
+
+@git_effects.effect("git.commit", reversible=True)
+def commit(ctx: EffectContext, p: Payload) -> Payload:
+    worktree, branch = p["worktree"], p["branch"]
+    if existing := _commit_with_trailer(worktree, branch, ctx.key):
+        return {"commit": existing, "parent": git("rev-parse", f"{existing}^", cwd=worktree)}
+    parent = git("rev-parse", "HEAD", cwd=worktree)
+    if p["paths"]:
+        git("add", "-A", "--", *p["paths"], cwd=worktree)
+    if subprocess.run(["git", "diff", "--cached", "--quiet"], cwd=worktree).returncode == 0:
+        return {"commit": None, "parent": parent}
+    git("commit", "-q", "-m", f"{p['message']}\n\nRelay-Effect: {ctx.key}", cwd=worktree)
+    return {"commit": git("rev-parse", "HEAD", cwd=worktree), "parent": parent}
+
+
+@commit.compensation
+def _undo_commit(ctx: EffectContext, p: Payload, undo: Payload | None, result: Payload | None) -> None:
+    worktree, branch, repo = p["worktree"], p["branch"], p["repo"]
+    where = worktree if Path(worktree).is_dir() else repo
+    if not Path(where).is_dir():
+        return
+    sha = (result or {}).get("commit") or _commit_with_trailer(where, branch, ctx.key)
+    if not sha or not ref_exists(where, f"refs/heads/{branch}"):
+        return
+    head = git("rev-parse", f"refs/heads/{branch}", cwd=where)
+    is_ancestor = subprocess.run(["git", "merge-base", "--is-ancestor", sha, head],
+                                 cwd=where).returncode == 0
+    if not is_ancestor:
+        return
+    parent = git("rev-parse", f"{sha}^", cwd=where)
+    if where == worktree:
+        git("reset", "-q", "--hard", parent, cwd=worktree)
+    else:
+        git("update-ref", f"refs/heads/{branch}", parent, cwd=repo)
+
+
+# --- delivery: the irreversible step -------------------------------------------------------
+
+
+@git_effects.effect("git.deliver", reversible=False)
+def deliver(ctx: EffectContext, p: Payload) -> Payload:
+    repo, branch, target = p["repo"], p["branch"], p["target"]
+    head = git("rev-parse", f"refs/heads/{branch}", cwd=repo)
+    if subprocess.run(["git", "merge-base", "--is-ancestor", head, target], cwd=repo).returncode == 0:
+        return {"target": target, "commit": git("rev-parse", target, cwd=repo), "merged": head}
+    message = f"relay: deliver {ctx.spec_id}"
+    checked_out = git("symbolic-ref", "--quiet", "--short", "HEAD", cwd=repo, check=False)
+    if checked_out == target:
+        try:
+            git("merge", "--no-ff", "-q", "-m", message, branch, cwd=repo)
+        except GitError:
+            git("merge", "--abort", cwd=repo, check=False)
+            raise
+    else:
+        scratch = str(ctx.data_dir / "deliver" / ctx.key)
+        git("worktree", "add", "-q", scratch, target, cwd=repo)
+        try:
+            git("merge", "--no-ff", "-q", "-m", message, branch, cwd=scratch)
+        finally:
+            git("worktree", "remove", "--force", scratch, cwd=repo, check=False)
+    return {"target": target, "commit": git("rev-parse", target, cwd=repo), "merged": head}
+
+
+@git_effects.effect("git.cleanup", reversible=False)
+def cleanup(ctx: EffectContext, p: Payload) -> Payload:
+    """After delivery: the worktree and the merged branch are no longer needed."""
+    remove_workspace(ctx, p, None, None)
+    return {"removed": p["worktree"]}
