@@ -28,24 +28,20 @@ from worker.devserver import free_port
 from worker.main import SCRIPTED_MODEL, ModelEndpoint, build_worker
 
 from tests.conftest import ANSWERS, run_spec, spec_id, wait_for, wait_for_questions
-from tests.test_cli import cli, ok, temporal_cli
+from tests.test_cli import cancel_and_wait, cli, ok, temporal_cli
 
 FAST = 20.0  # seconds: every bad input is answered well within this
 
 
 def cli_error(result: tuple[int, str, str]) -> str:
-    """The `error: ...` message of a failed CLI call (exit 1, no traceback).
-
-    Rich wraps long lines on a non-terminal stderr, so continuation lines are
-    joined back; test_long_errors_stay_on_one_line checks the one-line contract.
-    """
+    """The one `error: ...` line of a failed CLI call (exit 1, no traceback, nothing else)."""
     code, out, err = result
     assert code == 1, f"exit {code}\nstdout:\n{out}\nstderr:\n{err}"
     assert "Traceback" not in err, err
-    lines = [line.strip() for line in err.splitlines()
-             if line.strip() and not line.lstrip().startswith("{")]  # JSON log records aside
-    assert lines and lines[0].startswith("error: "), f"no error line in stderr:\n{err}"
-    return " ".join(lines)
+    lines = [line for line in err.splitlines()
+             if line.strip() and not line.startswith("{")]  # JSON log records aside
+    assert len(lines) == 1 and lines[0].startswith("error: "), f"not one error line:\n{err}"
+    return lines[0]
 
 
 async def raw_start(settings, sid: str, payload: object) -> None:
@@ -98,33 +94,12 @@ async def test_oversized_request_is_refused_by_the_client_and_cli(relay, client,
         await small.run("x" * 1001, spec_id=spec_id())
     sid = await small.run("x" * 1000, spec_id=spec_id())  # exactly at the limit is fine
     await wait_for_questions(small, sid)
+    await cancel_and_wait(small, sid)
 
     path = tmp_path / "big.md"
     path.write_text("é" * 501, encoding="utf-8")  # 501 characters, 1002 bytes
     message = cli_error(await cli(settings, "run", str(path), env={"RELAY_MAX_REQUEST_BYTES": "1000"}))
     assert message.startswith("error: the request is 1002 bytes; the limit is 1000 bytes")
-
-
-@pytest.mark.xfail(strict=True, reason=(
-    "relay/cli.py _request_text: a one-line request of more than 255 bytes is probed with "
-    "Path(arg).is_file(), which raises OSError ENAMETOOLONG (pathlib only ignores ENOENT/ENOTDIR/"
-    "EBADF/ELOOP), so `relay run` crashes with a traceback instead of starting the spec"))
-async def test_long_one_line_request_on_the_command_line(relay, settings):
-    """A request typed on the command line longer than a file name can be is taken as the request."""
-    sid = spec_id("cli")
-    request = "Write a greeting module " + "that is friendly " * 20  # 364 bytes, one line
-    code, out, err = await cli(settings, "run", request, "--id", sid)
-    assert code == 0, err
-    assert out.strip() == sid
-    await wait_for_questions(relay, sid)
-    message = cli_error(await cli(settings, "run", request, env={"RELAY_MAX_REQUEST_BYTES": "300"}))
-    assert message.startswith("error: the request is 364 bytes; the limit is 300 bytes")
-
-
-async def test_missing_request_file(relay, settings, tmp_path):
-    """`relay run notes.md` for a file that does not exist says so instead of sending the name."""
-    path = tmp_path / "notes.md"
-    assert cli_error(await cli(settings, "run", str(path))) == f"error: file not found: {path}"
 
 
 async def test_oversized_request_from_the_ui_fails_the_workflow(relay, settings, client):
@@ -134,6 +109,26 @@ async def test_oversized_request_from_the_ui_fails_the_workflow(relay, settings,
                                     "limits": {"max_request_bytes": 10}})
     assert await failure_of(client, sid) == "the request is 23 bytes; the limit is 10 bytes"
     assert (await relay.status(sid)).phase == Phase.failed
+
+
+async def test_long_one_line_request_on_the_command_line(relay, settings, registry):
+    """A request typed on the command line longer than a file name can be is taken as the request."""
+    sid = spec_id("cli")
+    request = "Write a greeting module " + "that is friendly " * 20  # 364 bytes, one line
+    code, out, err = await cli(settings, "run", request, "--id", sid)
+    assert code == 0, err
+    assert out.strip() == sid
+    await wait_for_questions(relay, sid)
+    assert registry.spec(sid).request == request
+    await cancel_and_wait(relay, sid)
+    message = cli_error(await cli(settings, "run", request, env={"RELAY_MAX_REQUEST_BYTES": "300"}))
+    assert message.startswith("error: the request is 364 bytes; the limit is 300 bytes")
+
+
+async def test_missing_request_file(relay, settings, tmp_path):
+    """`relay run notes.md` for a file that does not exist says so instead of sending the name."""
+    path = tmp_path / "notes.md"
+    assert cli_error(await cli(settings, "run", str(path))) == f"error: file not found: {path}"
 
 
 # --- malformed workflow input from the UI -------------------------------------------------
@@ -217,6 +212,7 @@ async def test_unknown_role_in_history(relay, settings):
     await wait_for_questions(relay, sid)
     message = cli_error(await cli(settings, "history", sid, "nobody"))
     assert message.startswith("error: unknown role 'nobody'; roles: clarifier, planner")
+    await cancel_and_wait(relay, sid)
 
 
 # --- answers that do not fit -----------------------------------------------------------------
@@ -410,10 +406,6 @@ async def test_unreachable_temporal(settings):
     assert message.startswith(f"error: cannot reach Temporal at {address}")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "relay/client.py RelayClient.connect catches RuntimeError/OSError/TimeoutError but not the "
-    "ValueError Client.connect raises for a malformed target ('invalid target URL: ...'), so it "
-    "escapes as a raw ValueError and the CLI prints a traceback"))
 async def test_malformed_temporal_address(settings):
     """A malformed --address ('not an address', a port above 65535) gets a clear error, no traceback."""
     for address in ("not an address", "127.0.0.1:99999"):
@@ -495,10 +487,6 @@ async def test_a_failed_turn_keeps_earlier_turns_and_the_spec_can_iterate(relay,
 # --- the error line itself ----------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "relay/cli.py `err = Console(stderr=True, highlight=False)`: on a non-terminal stderr Rich "
-    "wraps at 80 columns, so errors longer than that (unknown spec with a long id, already "
-    "exists, cannot reach Temporal, answer rejected) come out on several lines"))
 async def test_long_errors_stay_on_one_line(relay, settings):
     """A long error message is still exactly one `error: ...` line on stderr."""
     sid = spec_id("a-rather-long-spec-identifier-" + "x" * 40)
@@ -507,10 +495,6 @@ async def test_long_errors_stay_on_one_line(relay, settings):
     assert err.strip() == f"error: unknown spec '{sid}'"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "relay/cli.py prints `f\"[red]error:[/red] {exc}\"` without rich.markup.escape: text from the "
-    "user inside the message (spec id, role) is parsed as Rich markup, so '[/x]' raises "
-    "MarkupError (traceback) and '[bold]' silently disappears from the message"))
 @pytest.mark.parametrize("args, expected", [
     (["status", "spec[/x]"], "error: unknown spec 'spec[/x]'"),
     (["history", "spec[bold]", "planner"], "error: unknown spec 'spec[bold]' in the registry"),

@@ -39,6 +39,13 @@ async def temporal_cli(settings, *args: str, timeout: float = 60.0) -> tuple[int
     return proc.returncode, out.decode(), err.decode()
 
 
+async def cancel_and_wait(rc, sid: str) -> None:
+    """Cancel a spec this test leaves waiting, and wait until it has really ended."""
+    await rc.cancel(sid)
+    with pytest.raises(SpecFailed, match="cancelled"):
+        await rc.result(sid)
+
+
 def ok(result: tuple[int, str, str]) -> str:
     code, out, err = result
     assert code == 0, f"exit {code}\nstdout:\n{out}\nstderr:\n{err}"
@@ -91,23 +98,6 @@ async def test_a_spec_end_to_end_through_the_cli(relay, settings, registry):
     out = ok(await cli(settings, "history", sid, "planner", "--json"))
     assert [(m["turn"], m["role"]) for m in json.loads(out)] == [
         (1, "user"), (1, "assistant"), (2, "user"), (2, "assistant")]
-
-
-@pytest.mark.xfail(strict=True, reason=(
-    "relay/view.py print_sessions: with stdout not a terminal (or an 80-column one) Rich "
-    "squeezes the 9-column table to 80 columns and the per-row scripted-model note hogs it, "
-    "so every session name and id is cut to 'Mara-…' / 'ses_6…'"))
-async def test_sessions_table_shows_whole_names_at_80_columns(relay, settings, registry):
-    """`relay sessions X` (piped, or in an 80-column terminal) shows each session's full name and id."""
-    sid = spec_id("cli")
-    ok(await cli(settings, "run", "Write a greeting module", "--id", sid))
-    await wait_for_questions(relay, sid)
-    await relay.answer(sid, ANSWERS)
-    await relay.result(sid)
-    out = ok(await cli(settings, "sessions", sid))
-    for s in registry.sessions(sid):
-        assert s.name in out, f"the sessions table does not show {s.name}:\n{out}"
-        assert s.id in out, f"the sessions table does not show {s.id}:\n{out}"
 
 
 async def test_answers_given_as_id_equals_text_pairs(relay, settings):
@@ -220,10 +210,22 @@ async def test_raw_temporal_cli_signal_answers_a_spec(relay, settings):
     assert (await relay.status(sid)).rejected_inputs == []
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "relay/view.py print_result/print_history put the clarified spec and message text into "
-    "Rich Panels as markup strings (no rich.markup.escape / rich.text.Text), so a request "
-    "mentioning e.g. '[/help]' makes `relay result` crash with MarkupError and '[bold]' vanishes"))
+# --- output people and scripts read ---------------------------------------------------------
+
+
+async def test_sessions_table_shows_whole_names_at_80_columns(relay, settings, registry):
+    """`relay sessions X` (piped, or in an 80-column terminal) shows each session's full name and id."""
+    sid = spec_id("cli")
+    ok(await cli(settings, "run", "Write a greeting module", "--id", sid))
+    await wait_for_questions(relay, sid)
+    await relay.answer(sid, ANSWERS)
+    await relay.result(sid)
+    out = ok(await cli(settings, "sessions", sid))
+    for s in registry.sessions(sid):
+        assert s.name in out, f"the sessions table does not show {s.name}:\n{out}"
+        assert s.id in out, f"the sessions table does not show {s.id}:\n{out}"
+
+
 async def test_request_text_with_brackets_is_shown_verbatim(relay, settings):
     """A request that mentions things in square brackets is shown as written by result and history."""
     sid = spec_id("cli")
@@ -237,13 +239,10 @@ async def test_request_text_with_brackets_is_shown_verbatim(relay, settings):
     assert "Add a [bold] flag and a [/help] command" in out
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "relay/cli.py `out = Console(highlight=False)`: on a non-terminal stdout Rich wraps at 80 "
-    "columns, so `relay run` prints a valid spec id longer than 80 characters over two lines "
-    "and a script capturing the id gets a broken one"))
 async def test_run_prints_a_long_spec_id_on_one_line(relay, settings):
     """`sid=$(relay run ... --id LONG)` captures the whole id, whatever its (valid) length."""
     sid = spec_id("a-long-spec-id-" + "y" * 100)
     out = ok(await cli(settings, "run", "Write a greeting module", "--id", sid))
     assert out == sid + "\n"
     await wait_for_questions(relay, sid)
+    await cancel_and_wait(relay, sid)
