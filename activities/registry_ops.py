@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import asyncio
 
+import structlog
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from relay.models import ROLES, OpenSpecInput, OpenSpecResult, SessionRef, SessionStateInput
 from relay.registry import Registry, SpecConflict
+
+
+log = structlog.get_logger("relay.registry")
 
 
 class RegistryActivities:
@@ -36,3 +40,7 @@ class RegistryActivities:
         await asyncio.to_thread(self.registry.set_status, inp.spec_id, inp.roles, inp.state)
         if inp.spec_status is not None:
             await asyncio.to_thread(self.registry.close_spec, inp.spec_id, inp.spec_status, inp.outcome)
+            # logged here, once per run: workflow code may replay (e.g. to answer a query)
+            (log.error if inp.spec_status == "failed" else log.info)(
+                "spec.closed", spec_id=inp.spec_id, status=inp.spec_status, outcome=inp.outcome,
+                error=inp.error)

@@ -16,12 +16,12 @@ from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
-from rich.prompt import Prompt
+from rich.prompt import Confirm, Prompt
 from rich.text import Text
 
 from relay import logs, view
 from relay.client import InvalidAnswer, InvalidRequest, RelayClient, RelayError, SpecFailed
-from relay.models import Phase, PipelineResult, Question
+from relay.models import Phase, PipelineResult, Question, WorkspaceInput
 from relay.settings import RelaySettings
 
 app = typer.Typer(help="relay: a durable five-agent pipeline on Temporal.", no_args_is_help=True,
@@ -147,7 +147,8 @@ def worker(address: Address = None,
 
 
 @app.command()
-def demo(auto_answer: Annotated[bool, typer.Option(help="Answer the clarifier's questions automatically")] = False,
+def demo(auto_answer: Annotated[bool, typer.Option(
+             help="Answer the clarifier's questions and approve delivery automatically")] = False,
          keep_running: Annotated[bool, typer.Option(help="Keep the server and worker up afterwards")] = False,
          headless: Annotated[bool, typer.Option(help="No Web UI")] = False) -> None:
     """The main job end to end: embedded server + worker + the example spec."""
@@ -183,17 +184,32 @@ def demo(auto_answer: Annotated[bool, typer.Option(help="Answer the clarifier's 
 # --- specs -------------------------------------------------------------------------------
 
 
+Workspace = Annotated[Optional[Path], typer.Option(
+    "--workspace", "-w", help="Git repository to work on (default: a fresh one in the data dir)")]
+Target = Annotated[str, typer.Option("--target", help="Branch the change is delivered to")]
+Check = Annotated[Optional[str], typer.Option(
+    "--check", help='Check command the validator runs, e.g. "pytest -q"')]
+AutoApprove = Annotated[bool, typer.Option(
+    "--auto-approve", help="Deliver without waiting for a human's approval")]
+
+
+def _workspace(path: Path | None, target: str, check: str | None) -> WorkspaceInput:
+    return WorkspaceInput(path=str(path) if path else None, target=target, check=check)
+
+
 @app.command()
 def run(request: Annotated[str, typer.Argument(help="The request text, or a file holding it")],
         spec_id: Annotated[Optional[str], typer.Option("--id", help="Spec id (default: generated)")] = None,
         follow_: Annotated[bool, typer.Option("--follow", help="Follow it and ask questions here")] = False,
-        address: Address = None) -> None:
+        workspace: Workspace = None, target: Target = "main", check: Check = None,
+        auto_approve: AutoApprove = False, address: Address = None) -> None:
     """Start a spec."""
     text = _request_text(request)
 
     async def go() -> int:
         rc = await _client(address)
-        sid = await rc.run(text, spec_id=spec_id)
+        sid = await rc.run(text, spec_id=spec_id, workspace=_workspace(workspace, target, check),
+                           auto_approve=auto_approve)
         say(sid)
         return await follow(rc, sid, "interactive") if follow_ else 0
 
@@ -202,13 +218,16 @@ def run(request: Annotated[str, typer.Argument(help="The request text, or a file
 
 @app.command()
 def iterate(spec_id: str, change_request: Annotated[str, typer.Argument(help="The change, or a file")],
-            follow_: Annotated[bool, typer.Option("--follow")] = False, address: Address = None) -> None:
+            follow_: Annotated[bool, typer.Option("--follow")] = False,
+            workspace: Workspace = None, target: Target = "main", check: Check = None,
+            auto_approve: AutoApprove = False, address: Address = None) -> None:
     """Start the next iteration of a finished spec; every agent resumes its session."""
     text = _request_text(change_request)
 
     async def go() -> int:
         rc = await _client(address)
-        await rc.iterate(spec_id, text)
+        await rc.iterate(spec_id, text, workspace=_workspace(workspace, target, check),
+                         auto_approve=auto_approve)
         say(f"{spec_id}: next iteration started")
         return await follow(rc, spec_id, "interactive") if follow_ else 0
 
@@ -240,6 +259,63 @@ def answer(spec_id: str,
         say(f"accepted answers {', '.join(ack.accepted)} (round {ack.round})")
 
     run_async(go())
+
+
+@app.command()
+def approve(spec_id: str, reviewer: Annotated[Optional[str], typer.Option(help="Who approves")] = None,
+            comment: Annotated[Optional[str], typer.Option(help="A note kept with the decision")] = None,
+            address: Address = None) -> None:
+    """Approve delivery of the validated change (merge into the target branch)."""
+
+    async def go() -> None:
+        await (await _client(address)).approve(spec_id, reviewer=reviewer, comment=comment)
+        say(f"{spec_id}: approved; delivering")
+
+    run_async(go())
+
+
+@app.command()
+def reject(spec_id: str, reason: Annotated[str, typer.Option(help="Why (kept with the decision)")],
+           reviewer: Annotated[Optional[str], typer.Option(help="Who rejects")] = None,
+           address: Address = None) -> None:
+    """Reject the change; every side effect of the run is compensated."""
+
+    async def go() -> None:
+        await (await _client(address)).reject(spec_id, reason, reviewer=reviewer)
+        say(f"{spec_id}: rejected; compensating")
+
+    run_async(go())
+
+
+@app.command()
+def compensate(spec_id: str, address: Address = None) -> None:
+    """Re-run the compensations still pending (e.g. marked needs_human) for a spec."""
+
+    async def go() -> int:
+        report = await (await _client(address)).compensate(spec_id)
+        for ref in report.compensated:
+            say(f"compensated {ref.effect} ({ref.step})")
+        for ref in report.needs_human:
+            say(f"still needs a human: {ref.effect} ({ref.step}): {ref.error}")
+        if not report.compensated and not report.needs_human:
+            say(f"{spec_id}: nothing to compensate")
+        return 1 if report.needs_human else 0
+
+    raise typer.Exit(run_async(go()))
+
+
+@app.command()
+def effects(spec_id: str, as_json: AsJson = False) -> None:
+    """The spec's effects ledger: every side effect, its key, status and result."""
+    try:
+        rows = _registry_client().effects(spec_id)
+    except RelayError as exc:
+        fail(exc)
+        raise typer.Exit(1) from None
+    if as_json:
+        out.print_json(json.dumps([r.model_dump(mode="json") for r in rows]))
+    else:
+        view.print_effects(out, rows)
 
 
 @app.command()
@@ -327,6 +403,7 @@ async def follow(rc: RelayClient, spec_id: str, answer_mode: str) -> int:
     """
     last = None
     answered_round = 0
+    asked_approval = False
     while True:
         st = await rc.status(spec_id)
         line = view.progress_line(st)
@@ -347,6 +424,20 @@ async def follow(rc: RelayClient, spec_id: str, answer_mode: str) -> int:
                     err.print(Text(str(exc), style="yellow"), soft_wrap=True)
             else:
                 say(f"waiting for answers: run relay answer {spec_id}")
+                if answer_mode == "interactive":
+                    return 0
+        if st.phase == Phase.waiting_for_approval and not asked_approval:
+            asked_approval = True
+            interactive = answer_mode == "interactive" and sys.stdin.isatty()
+            if answer_mode == "auto" or interactive:
+                say(f"waiting for {st.waiting_for}")
+                if answer_mode == "auto" or Confirm.ask("Approve delivery?", default=True):
+                    await rc.approve(spec_id, reviewer="auto" if answer_mode == "auto" else None)
+                else:
+                    await rc.reject(spec_id, Prompt.ask("Reason") or "rejected at the terminal")
+            else:
+                say(f"waiting for approval: run relay approve {spec_id} or relay reject {spec_id} "
+                    "--reason ...")
                 if answer_mode == "interactive":
                     return 0
         await asyncio.sleep(0.25)

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import re
+import subprocess
 import uuid
 from collections.abc import Mapping
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 from temporalio.client import (
@@ -21,13 +23,16 @@ from temporalio.client import (
     WorkflowHandle,
     WorkflowUpdateFailedError,
 )
-from temporalio.common import WorkflowIDReusePolicy
+from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
+from relay.ledger import EffectRecord, Ledger
 from relay.models import (
-    WORKFLOW_TYPE, AnswerAck, AnswerInput, Limits, PipelineResult, Role, SpecInput, Status,
+    WORKFLOW_TYPE, AnswerAck, AnswerInput, ApprovalInput, CompensationInput, CompensationReport,
+    Decision, HookEffect, Limits, PipelineResult, RejectInput, Role, SpecInput, Status,
+    WorkspaceInput,
 )
 from relay.registry import AgentSession, Registry, SessionMessage
 from relay.settings import RelaySettings
@@ -92,6 +97,23 @@ def check_spec_id(spec_id: str) -> str:
     return spec_id
 
 
+def check_workspace(workspace: WorkspaceInput) -> WorkspaceInput:
+    """A named repository must exist here, be a git repository and have the target branch."""
+    if workspace.path is None:
+        return workspace
+    path = Path(workspace.path).expanduser().resolve()
+    if not path.is_dir():
+        raise InvalidRequest(f"workspace {workspace.path} does not exist")
+    probe = subprocess.run(["git", "-C", str(path), "rev-parse", "--show-toplevel"],
+                           capture_output=True, text=True)
+    if probe.returncode != 0:
+        raise InvalidRequest(f"workspace {workspace.path} is not a git repository")
+    if subprocess.run(["git", "-C", str(path), "rev-parse", "--verify", "--quiet",
+                       f"refs/heads/{workspace.target}"], capture_output=True).returncode != 0:
+        raise InvalidRequest(f"workspace {workspace.path} has no branch {workspace.target!r}")
+    return workspace.model_copy(update={"path": probe.stdout.strip()})
+
+
 class RelayClient:
     def __init__(self, client: Client, settings: RelaySettings | None = None,
                  registry: Registry | None = None) -> None:
@@ -125,14 +147,21 @@ class RelayClient:
     # --- starting ------------------------------------------------------------------
 
     async def run(self, request: str, *, spec_id: str | None = None,
-                  limits: Limits | None = None) -> str:
-        """Start a new spec; returns its id (the workflow id)."""
+                  limits: Limits | None = None, workspace: WorkspaceInput | None = None,
+                  auto_approve: bool = False, hooks: list[HookEffect] | None = None) -> str:
+        """Start a new spec; returns its id (the workflow id).
+
+        `workspace`: the git repository the agents work on (default: a fresh one relay
+        creates); `auto_approve`: deliver without waiting for a human.
+        """
         limits = limits or self.settings.limits()
         check_request(request, limits.max_request_bytes)
         spec_id = check_spec_id(spec_id) if spec_id else new_spec_id()
+        workspace = check_workspace(workspace or WorkspaceInput())
         try:
             await self.temporal.start_workflow(
-                WORKFLOW_TYPE, SpecInput(request=request, limits=limits), id=spec_id,
+                WORKFLOW_TYPE, SpecInput(request=request, limits=limits, workspace=workspace,
+                                         auto_approve=auto_approve, hooks=hooks or []), id=spec_id,
                 task_queue=self.settings.task_queue,
                 id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
                 static_summary=f"relay spec {spec_id}")
@@ -145,17 +174,21 @@ class RelayClient:
             raise _rpc_error(exc, spec_id) from None
         return spec_id
 
-    async def iterate(self, spec_id: str, change_request: str, *,
-                      limits: Limits | None = None) -> str:
+    async def iterate(self, spec_id: str, change_request: str, *, limits: Limits | None = None,
+                      workspace: WorkspaceInput | None = None, auto_approve: bool = False,
+                      hooks: list[HookEffect] | None = None) -> str:
         """Start the next iteration of a finished spec; all five agents resume their sessions."""
         limits = limits or self.settings.limits()
         check_request(change_request, limits.max_request_bytes)
+        workspace = check_workspace(workspace or WorkspaceInput())
         desc = await self._describe(spec_id)
         if desc.status == ExecStatus.RUNNING:
             raise SpecAlreadyRunning(f"spec {spec_id} is still running; wait for it or cancel it first")
         try:
             handle = await self.temporal.start_workflow(
-                WORKFLOW_TYPE, SpecInput(request=change_request, iterate=True, limits=limits),
+                WORKFLOW_TYPE, SpecInput(request=change_request, iterate=True, limits=limits,
+                                         workspace=workspace, auto_approve=auto_approve,
+                                         hooks=hooks or []),
                 id=spec_id, task_queue=self.settings.task_queue,
                 id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE,
                 static_summary=f"relay spec {spec_id} (iteration)")
@@ -181,6 +214,50 @@ class RelayClient:
             raise InvalidAnswer(f"answer rejected: {getattr(cause, 'message', None) or cause}") from None
         except RPCError as exc:
             raise _rpc_error(exc, spec_id) from None
+
+    async def approve(self, spec_id: str, *, reviewer: str | None = None,
+                      comment: str | None = None) -> Decision:
+        """Approve delivery of a validated change (the irreversible step)."""
+        return await self._decide(spec_id, "approve", ApprovalInput(reviewer=reviewer, comment=comment))
+
+    async def reject(self, spec_id: str, reason: str, *, reviewer: str | None = None) -> Decision:
+        """Reject the change; every side effect of the run is compensated."""
+        if not reason or not reason.strip():
+            raise InvalidRequest("a rejection needs a reason")
+        return await self._decide(spec_id, "reject", RejectInput(reason=reason, reviewer=reviewer))
+
+    async def _decide(self, spec_id: str, update: str, payload: object) -> Decision:
+        try:
+            return await self._handle(spec_id).execute_update(
+                update, payload, result_type=Decision, rpc_timeout=timedelta(seconds=30))
+        except WorkflowUpdateFailedError as exc:
+            cause = exc.cause
+            raise InvalidAnswer(f"{update} refused: {getattr(cause, 'message', None) or cause}") from None
+        except RPCError as exc:
+            raise _rpc_error(exc, spec_id) from None
+
+    async def compensate(self, spec_id: str) -> CompensationReport:
+        """Re-run the compensations still pending for a spec that is not running."""
+        if await self._is_running(spec_id):
+            raise SpecAlreadyRunning(f"spec {spec_id} is running; it compensates by itself when it "
+                                     "fails, is cancelled or is rejected")
+        from workflows.compensation import COMPENSATION_WORKFLOW, compensation_workflow_id
+
+        try:
+            return await self.temporal.execute_workflow(
+                COMPENSATION_WORKFLOW, CompensationInput(spec_id=spec_id, limits=self.settings.limits()),
+                id=compensation_workflow_id(spec_id), task_queue=self.settings.task_queue,
+                result_type=CompensationReport,
+                id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING)
+        except RPCError as exc:
+            raise _rpc_error(exc, spec_id) from None
+
+    def effects(self, spec_id: str) -> list[EffectRecord]:
+        """The effects ledger of a spec, oldest first."""
+        rows = Ledger(self.registry).effects(spec_id)
+        if not rows and self.registry.spec(spec_id) is None:
+            raise SpecNotFound(f"unknown spec {spec_id!r} in the registry")
+        return rows
 
     async def cancel(self, spec_id: str) -> None:
         await self._require_running(spec_id)

@@ -344,6 +344,7 @@ class SessionStateInput(BaseModel):
     roles: list[Role] = Field(default_factory=lambda: list(ROLES))
     spec_status: str | None = None
     outcome: str | None = None
+    error: str | None = None
 
 
 # --- query / result -------------------------------------------------------------

@@ -13,6 +13,7 @@ from rich.table import Table
 from rich.text import Text
 
 from relay.models import PipelineResult, Question, Status, TokenUsage, is_scripted
+from relay.ledger import EffectRecord
 from relay.registry import AgentSession, SessionMessage
 
 SCRIPTED_NOTE = "[yellow]scripted model — deterministic answers, not a real LLM[/yellow]"
@@ -56,6 +57,15 @@ def print_status(console: Console, st: Status) -> None:
         console.print("rounds: " + ", ".join(f"{k} {v}" for k, v in st.rounds.items()))
     if st.pending:
         print_questions(console, st.pending.questions)
+    if st.workspace:
+        console.print(Text(f"workspace: {st.workspace.repo} · branch {st.workspace.branch} → "
+                           f"{st.workspace.target}"), soft_wrap=True)
+    if st.waiting_for:
+        console.print(Text(f"waiting for {st.waiting_for}", style="bold"), soft_wrap=True)
+    for ref in st.needs_human:
+        console.print(Text(f"needs a human: compensation of {ref.effect} ({ref.step}) failed: "
+                           f"{ref.error} — run relay compensate {st.spec_id}", style="red"),
+                      soft_wrap=True)
     table = Table("agent", "session", "state", "turns", "tokens")
     for ref in st.sessions:
         u = st.usage_by_role.get(ref.role.value, TokenUsage())
@@ -82,6 +92,15 @@ def print_result(console: Console, res: PipelineResult) -> None:
         verdict = "approved" if res.validation.approved else "rejected: " + "; ".join(
             res.validation.failures)
         console.print(Text(f"validator: {verdict}"))
+    if res.delivery:
+        console.print(Text(f"delivered: {res.branch} merged into {res.delivery.get('target')} "
+                           f"at {str(res.delivery.get('commit'))[:12]}"), soft_wrap=True)
+    if res.compensated:
+        console.print(Text(f"compensated {len(res.compensated)} effect(s): the workspace is "
+                           "as it was"), soft_wrap=True)
+    for ref in res.needs_human:
+        console.print(Text(f"needs a human: {ref.effect} ({ref.step}): {ref.error}", style="red"),
+                      soft_wrap=True)
     console.print(f"outcome: [bold]{res.outcome}[/bold]")
     if res.flags:
         console.print("flags: " + ", ".join(res.flags))
@@ -116,6 +135,20 @@ def _block_text(block: dict[str, Any]) -> str:
         text = content if isinstance(content, str) else json.dumps(content)
         return ("✗ " if block.get("is_error") else "✓ ") + text
     return json.dumps(block)
+
+
+def print_effects(console: Console, rows: list[EffectRecord]) -> None:
+    table = Table("#", "effect", "step", "status", "key", "result / error")
+    for column in table.columns[1:5]:
+        column.no_wrap = True
+    for r in rows:
+        detail = r.error or (json.dumps(r.result) if r.result else "")
+        style = {"needs_human": "red", "failed": "red", "compensated": "yellow"}.get(r.status)
+        table.add_row(str(r.id), r.effect + ("" if r.reversible else " (irreversible)"), r.step,
+                      Text(r.status, style=style or ""), r.key[:12], Text(detail[:80]))
+    console.print(table)
+    if not rows:
+        console.print("(no effects)")
 
 
 def print_history(console: Console, session: AgentSession, messages: list[SessionMessage]) -> None:

@@ -27,7 +27,7 @@ from relay.scripted_model import Fault
 from worker.devserver import free_port
 from worker.main import SCRIPTED_MODEL, ModelEndpoint, build_worker
 
-from tests.conftest import ANSWERS, run_spec, spec_id, wait_for, wait_for_questions
+from tests.conftest import approve_when_asked, ANSWERS, run_spec, spec_id, wait_for, wait_for_questions
 from tests.test_cli import cancel_and_wait, cli, ok, temporal_cli
 
 FAST = 20.0  # seconds: every bad input is answered well within this
@@ -83,7 +83,7 @@ async def test_empty_request_from_the_ui_fails_the_workflow(relay, settings, cli
     st = await relay.status(sid)
     assert st.phase == Phase.failed and st.error == "the request is empty"
     with pytest.raises(SpecFailed, match=f"spec {sid} failed: the request is empty"):
-        await relay.result(sid)
+        await approve_when_asked(relay, sid)
 
 
 async def test_oversized_request_is_refused_by_the_client_and_cli(relay, client, settings, registry,
@@ -159,7 +159,7 @@ async def test_raw_start_reusing_a_finished_spec_id_fails_and_keeps_its_record(r
     message = await failure_of(client, sid)
     assert "already exists" in message and "relay iterate" in message
     record = registry.spec(sid)
-    assert record.iteration == 1 and record.status == "completed" and record.outcome == "approved"
+    assert record.iteration == 1 and record.status == "completed" and record.outcome == "delivered"
     assert {s.role: s.turns for s in registry.sessions(sid)} == turns
 
 
@@ -241,8 +241,8 @@ async def test_answers_that_do_not_fit_are_rejected_and_nothing_is_lost(relay, m
 
     ack = await relay.answer(sid, ANSWERS)
     assert ack.accepted == ["q1", "q2"] and ack.round == 1
-    result = await relay.result(sid)
-    assert result.outcome == "approved"
+    result = await approve_when_asked(relay, sid)
+    assert result.outcome == "delivered"
     assert ANSWERS["q1"] in result.clarified_spec
 
 
@@ -252,7 +252,7 @@ async def test_answering_a_finished_spec(relay):
     result = await run_spec(relay, "Write a greeting module", sid=sid)
     with pytest.raises(SpecNotRunning, match=f"spec {sid} is not running"):
         await relay.answer(sid, ANSWERS)
-    assert (await relay.result(sid)) == result
+    assert (await approve_when_asked(relay, sid)) == result
 
 
 async def test_answers_after_clarification_are_refused(relay, settings, model_server):
@@ -268,8 +268,8 @@ async def test_answers_after_clarification_are_refused(relay, settings, model_se
     await relay.temporal.get_workflow_handle(sid).signal("answer_signal", {"answers": ANSWERS})
     st = await wait_for(relay, sid, lambda s: bool(s.rejected_inputs))
     assert st.rejected_inputs == ["answer_signal rejected: no questions are pending (phase: planning)"]
-    result = await relay.result(sid)
-    assert result.outcome == "approved"
+    result = await approve_when_asked(relay, sid)
+    assert result.outcome == "delivered"
     assert len(model_server.recorded("clarifier")) == 2  # the late answers did not re-run it
 
 
@@ -297,7 +297,7 @@ async def test_cli_answer_errors(relay, settings):
     st = await relay.status(sid)
     assert st.phase == Phase.waiting_for_answers and st.pending.round == 1
     ok(await cli(settings, "answer", sid, "--json", json.dumps({"answers": ANSWERS})))
-    assert (await relay.result(sid)).outcome == "approved"
+    assert (await approve_when_asked(relay, sid)).outcome == "delivered"
 
     message = cli_error(await cli(settings, "answer", sid, "--answer", "q1=late"))
     assert message == f"error: spec {sid} has no pending questions (phase: completed)"
@@ -319,8 +319,8 @@ async def test_malformed_signal_from_the_ui_is_recorded_and_the_spec_keeps_waiti
 
     ok(await temporal_cli(settings, "workflow", "signal", "--workflow-id", sid,
                           "--name", "answer_signal", "--input", json.dumps({"answers": ANSWERS})))
-    result = await relay.result(sid)
-    assert result.outcome == "approved"
+    result = await approve_when_asked(relay, sid)
+    assert result.outcome == "delivered"
     assert len((await relay.status(sid)).rejected_inputs) == 3
 
 
@@ -337,7 +337,7 @@ async def test_malformed_update_from_the_ui_is_rejected_and_the_spec_keeps_waiti
     st = await relay.status(sid)
     assert st.phase == Phase.waiting_for_answers and st.pending.round == 1
     await relay.answer(sid, ANSWERS)
-    assert (await relay.result(sid)).outcome == "approved"
+    assert (await approve_when_asked(relay, sid)).outcome == "delivered"
 
 
 # --- runs that already exist ----------------------------------------------------------------
@@ -359,7 +359,7 @@ async def test_second_run_of_an_active_spec(relay, settings):
     st = await relay.status(sid)
     assert st.phase == Phase.waiting_for_answers and st.iteration == 1
     await relay.answer(sid, ANSWERS)
-    assert (await relay.result(sid)).iteration == 1
+    assert (await approve_when_asked(relay, sid)).iteration == 1
 
 
 async def test_run_of_a_finished_spec_points_at_iterate(relay, settings):
@@ -476,9 +476,9 @@ async def test_a_failed_turn_keeps_earlier_turns_and_the_spec_can_iterate(relay,
     assert len(kept) == 4 and ANSWERS["q1"] in json.dumps([m.content for m in kept])
     assert all(s.status == "idle" for s in registry.sessions(sid))
 
-    await relay.iterate(sid, "Try again")
+    await relay.iterate(sid, "Try again", auto_approve=True)
     result = await asyncio.wait_for(relay.result(sid), FAST)
-    assert result.iteration == 2 and result.outcome == "approved"
+    assert result.iteration == 2 and result.outcome == "delivered"
     assert [m.seq for m in registry.messages(clarifier.id)][:4] == [m.seq for m in kept]
     resumed = model_server.recorded("clarifier")[-1].body["messages"]
     assert ANSWERS["q1"] in json.dumps(resumed)  # the answers given before the failure

@@ -17,7 +17,7 @@ from relay.client import SpecFailed
 from relay.models import ROLES, Phase, Role
 from worker.devserver import temporal_binary
 
-from tests.conftest import ANSWERS, RELAY_CMD, cli_env, spec_id, wait_for, wait_for_questions
+from tests.conftest import approve_when_asked, ANSWERS, RELAY_CMD, cli_env, spec_id, wait_for, wait_for_questions
 
 
 async def cli(settings, *args: str, timeout: float = 60.0,
@@ -43,7 +43,7 @@ async def cancel_and_wait(rc, sid: str) -> None:
     """Cancel a spec this test leaves waiting, and wait until it has really ended."""
     await rc.cancel(sid)
     with pytest.raises(SpecFailed, match="cancelled"):
-        await rc.result(sid)
+        await approve_when_asked(rc, sid)
 
 
 def ok(result: tuple[int, str, str]) -> str:
@@ -69,8 +69,13 @@ async def test_a_spec_end_to_end_through_the_cli(relay, settings, registry):
     assert "q1" in out and "q2" in out  # the questions are shown
     assert "accepted answers q1, q2 (round 1)" in out
 
+    st = await wait_for(relay, sid, lambda s: s.phase == Phase.waiting_for_approval)
+    out = ok(await cli(settings, "status", sid))
+    assert "waiting for approval to merge" in out
+    out = ok(await cli(settings, "approve", sid, "--reviewer", "cli-test"))
+    assert f"{sid}: approved" in out
     out = ok(await cli(settings, "result", sid))
-    assert "outcome: approved" in out
+    assert "outcome: delivered" in out and f"relay/{sid} merged into main" in out
     assert "relay-scripted-1" in out and "scripted model" in out
     assert "Developers on the team" in out  # the answer made it into the clarified spec
 
@@ -78,7 +83,8 @@ async def test_a_spec_end_to_end_through_the_cli(relay, settings, registry):
     status = json.loads(out)
     assert status["spec_id"] == sid
     assert status["phase"] == Phase.completed.value
-    assert status["outcome"] == "approved"
+    assert status["outcome"] == "delivered"
+    assert status["decision"] == {"approved": True, "reviewer": "cli-test", "reason": None}
     assert status["iteration"] == 1
 
     sessions = registry.sessions(sid)
@@ -108,8 +114,8 @@ async def test_answers_given_as_id_equals_text_pairs(relay, settings):
     out = ok(await cli(settings, "answer", sid, "--answer", "q1=People at the shell, daily.",
                        "--answer", "q2=It prints hello = bonjour."))
     assert "accepted answers q1, q2 (round 1)" in out
-    result = await relay.result(sid)
-    assert result.outcome == "approved"
+    result = await approve_when_asked(relay, sid)
+    assert result.outcome == "delivered"
     # Text after the first '=' is kept whole, including further '=' signs.
     assert "It prints hello = bonjour." in result.clarified_spec
 
@@ -126,7 +132,7 @@ async def test_run_reads_the_request_from_a_file(relay, settings, tmp_path, mode
     sent = "\n".join(b.get("text", "") for b in first)
     assert "says goodbye" in sent and str(path) not in sent
     await relay.answer(sid, ANSWERS)
-    result = await relay.result(sid)
+    result = await approve_when_asked(relay, sid)
     assert "says goodbye" in result.clarified_spec
 
 
@@ -136,13 +142,13 @@ async def test_iterate_starts_the_next_iteration(relay, settings):
     ok(await cli(settings, "run", "Write a greeting module", "--id", sid))
     await wait_for_questions(relay, sid)
     await relay.answer(sid, ANSWERS)
-    assert (await relay.result(sid)).iteration == 1
+    assert (await approve_when_asked(relay, sid)).iteration == 1
 
-    out = ok(await cli(settings, "iterate", sid, "Greet in Italian too"))
+    out = ok(await cli(settings, "iterate", sid, "Greet in Italian too", "--auto-approve"))
     assert f"{sid}: next iteration started" in out
     out = ok(await cli(settings, "result", sid))
     assert f"{sid} · iteration 2" in out
-    assert "outcome: approved" in out
+    assert "outcome: delivered" in out
     st = await relay.status(sid)
     assert st.iteration == 2 and st.phase == Phase.completed
 
@@ -158,7 +164,7 @@ async def test_cancel_a_spec_waiting_for_answers(relay, settings, registry):
     st = await wait_for(relay, sid, lambda s: s.phase == Phase.cancelled)
     assert st.pending is None and st.error == "cancelled"
     with pytest.raises(SpecFailed, match="cancelled"):
-        await relay.result(sid)
+        await approve_when_asked(relay, sid)
     assert registry.spec(sid).status == "cancelled"
     assert all(s.status == "idle" for s in registry.sessions(sid))
 
@@ -187,11 +193,15 @@ async def test_raw_temporal_cli_starts_queries_answers_and_reads_the_result(rela
                                 "--name", "answer", "--input", json.dumps({"answers": ANSWERS})))
     assert "accepted:[q1 q2] round:1" in out  # the AnswerAck comes back to the sender
 
+    await wait_for(relay, sid, lambda s: s.phase == Phase.waiting_for_approval)
+    out = ok(await temporal_cli(settings, "workflow", "update", "execute", "--workflow-id", sid,
+                                "--name", "approve", "--input", json.dumps({"reviewer": "raw"})))
+    assert "approved:true" in out
+
     out = ok(await temporal_cli(settings, "workflow", "result", "--workflow-id", sid, "-o", "json"))
-    assert '"approved"' in out
     result = json.loads(out)
     assert result["status"] == "COMPLETED"
-    assert result["result"]["outcome"] == "approved"
+    assert result["result"]["outcome"] == "delivered"
     assert result["result"]["spec_id"] == sid
 
 
@@ -204,8 +214,8 @@ async def test_raw_temporal_cli_signal_answers_a_spec(relay, settings):
     await wait_for_questions(relay, sid)
     ok(await temporal_cli(settings, "workflow", "signal", "--workflow-id", sid,
                           "--name", "answer_signal", "--input", json.dumps({"answers": ANSWERS})))
-    result = await relay.result(sid)
-    assert result.outcome == "approved"
+    result = await approve_when_asked(relay, sid)
+    assert result.outcome == "delivered"
     assert "Developers on the team" in result.clarified_spec
     assert (await relay.status(sid)).rejected_inputs == []
 
@@ -219,7 +229,7 @@ async def test_sessions_table_shows_whole_names_at_80_columns(relay, settings, r
     ok(await cli(settings, "run", "Write a greeting module", "--id", sid))
     await wait_for_questions(relay, sid)
     await relay.answer(sid, ANSWERS)
-    await relay.result(sid)
+    await approve_when_asked(relay, sid)
     out = ok(await cli(settings, "sessions", sid))
     for s in registry.sessions(sid):
         assert s.name in out, f"the sessions table does not show {s.name}:\n{out}"
@@ -232,7 +242,7 @@ async def test_request_text_with_brackets_is_shown_verbatim(relay, settings):
     ok(await cli(settings, "run", "Add a [bold] flag and a [/help] command", "--id", sid))
     await wait_for_questions(relay, sid)
     await relay.answer(sid, ANSWERS)
-    await relay.result(sid)
+    await approve_when_asked(relay, sid)
     out = ok(await cli(settings, "result", sid))
     assert "Add a [bold] flag and a [/help] command" in out
     out = ok(await cli(settings, "history", sid, "clarifier"))

@@ -14,10 +14,11 @@ from collections import Counter
 from pathlib import Path
 
 from relay.client import RelayClient
-from relay.models import Phase
 from relay.scripted_model import Fault
 
-from tests.conftest import ANSWERS, RELAY_CMD, cli_env, spec_id, wait_for, wait_for_questions
+from tests.conftest import (
+    ANSWERS, RELAY_CMD, approve_when_asked, cli_env, spec_id, wait_for_questions,
+)
 
 
 async def start_worker(settings, log: Path) -> asyncio.subprocess.Process:
@@ -56,9 +57,8 @@ async def test_spec_survives_sigkilled_workers(client, settings, registry, model
         await kill(second)  # killed while the planner's model call is in flight
 
         third = await start_worker(settings, log)
-        st = await wait_for(rc, sid, lambda s: s.phase in (Phase.completed, Phase.failed), timeout=60)
-        assert st.phase == Phase.completed, st.error
-        assert (await rc.result(sid)).outcome == "approved"
+        result = await approve_when_asked(rc, sid)
+        assert result.outcome == "delivered"
     finally:
         for proc in (first, locals().get("second"), locals().get("third")):
             if proc is not None and proc.returncode is None:
@@ -70,7 +70,7 @@ async def test_spec_survives_sigkilled_workers(client, settings, registry, model
     # Only the planner's first turn, in flight at the kill, reached the model twice.
     assert len(repeated) == 1
     for body in repeated:
-        assert body["tool_choice"]["name"] == "submit_plan" and len(body["messages"]) == 1
+        assert "submit_plan" in [t["name"] for t in body["tools"]] and len(body["messages"]) == 1
     assert len(model_server.recorded("clarifier")) == 2
     for session in registry.sessions(sid):
         keys = [(m.turn, m.step, m.role) for m in registry.messages(session.id)]

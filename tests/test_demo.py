@@ -28,7 +28,7 @@ async def test_demo_runs_the_example_spec_end_to_end(tmp_path):
     text = out.decode()
     assert proc.returncode == 0, err.decode()[-2000:]
     assert "The clarifier asks" in text
-    assert "outcome: approved" in text
+    assert "outcome: delivered" in text
     assert "scripted model" in text
     assert "Temporal dev server at" in err.decode()
     assert (tmp_path / "temporal" / "temporal.db").exists()  # state persisted in the data dir
@@ -98,6 +98,8 @@ async def test_demo_asks_the_clarifiers_questions_on_the_terminal(tmp_path):
         os.write(master, b"Travellers at the front desk\n")
         await read_until(lambda s: s.count("What must be true") >= 2)
         os.write(master, b"It greets in three languages\n")
+        await read_until(lambda s: "Approve delivery?" in s)
+        os.write(master, b"y\n")
         await read_until(lambda s: "outcome:" in s)
         await read_until(lambda s: False, timeout=30)  # drain until the terminal closes
     finally:
@@ -105,5 +107,5 @@ async def test_demo_asks_the_clarifiers_questions_on_the_terminal(tmp_path):
             await asyncio.wait_for(proc.wait(), timeout=30)
         os.close(master)
     assert proc.returncode == 0, screen[-2000:]
-    assert "outcome: approved" in screen
+    assert "outcome: delivered" in screen
     assert "Travellers at the front desk" in screen  # the answer is in the clarified spec

@@ -7,7 +7,7 @@ import json
 
 from relay.client import RelayClient
 
-from tests.conftest import ANSWERS, RELAY_CMD, cli_env, spec_id, wait_for_questions
+from tests.conftest import approve_when_asked, ANSWERS, RELAY_CMD, cli_env, spec_id, wait_for_questions
 
 SECRET = "sk-ant-api03-test-secret-value-0123456789"
 
@@ -24,7 +24,7 @@ async def test_worker_logs_are_bound_replay_safe_and_secret_free(client, setting
         sid = await rc.run("Write a greeting module", spec_id=spec_id("logs"))
         await wait_for_questions(rc, sid)
         await rc.answer(sid, ANSWERS)
-        assert (await rc.result(sid)).outcome == "approved"
+        assert (await approve_when_asked(rc, sid)).outcome == "delivered"
         history = await client.get_workflow_handle(sid).fetch_history()
     finally:
         worker.terminate()

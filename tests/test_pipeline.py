@@ -8,7 +8,7 @@ from temporalio.api.sdk.v1 import WorkflowMetadata
 
 from relay.models import ROLES, Phase, Role
 
-from tests.conftest import ANSWERS, run_spec, spec_id, wait_for_questions
+from tests.conftest import approve_when_asked, ANSWERS, run_spec, spec_id, wait_for_questions
 
 
 async def test_spec_runs_through_all_five_roles(relay, model_server, registry):
@@ -21,17 +21,19 @@ async def test_spec_runs_through_all_five_roles(relay, model_server, registry):
 
     ack = await relay.answer(sid, ANSWERS)
     assert ack.accepted == ["q1", "q2"]
-    result = await relay.result(sid)
+    result = await approve_when_asked(relay, sid)
 
-    assert result.outcome == "approved"
+    assert result.outcome == "delivered"
     assert result.iteration == 1
     assert "Developers on the team" in result.clarified_spec
-    assert result.change is not None and result.change.files
+    assert result.change is not None and "greeting.py" in result.change.summary
     assert result.models == ["relay-scripted-1"]
     assert result.usage.input_tokens > 0 and result.usage.output_tokens > 0
 
     order = [r.role for r in model_server.recorded()]
-    assert order == ["clarifier", "clarifier", "planner", "auditor", "planner", "auditor",
+    turns = [role for i, role in enumerate(order) if i == 0 or order[i - 1] != role or role in (
+        "clarifier",)]  # consecutive requests of one role are the tool steps of one turn
+    assert turns == ["clarifier", "clarifier", "planner", "auditor", "planner", "auditor",
                      "constructor", "validator"]
 
     sessions = registry.sessions(sid)
@@ -41,7 +43,7 @@ async def test_spec_runs_through_all_five_roles(relay, model_server, registry):
         "clarifier": 2, "planner": 2, "auditor": 2, "constructor": 1, "validator": 1}
 
     st = await relay.status(sid)
-    assert st.phase == Phase.completed and st.outcome == "approved"
+    assert st.phase == Phase.completed and st.outcome == "delivered"
     assert st.usage == result.usage
     assert sum(u.input_tokens for u in st.usage_by_role.values()) == st.usage.input_tokens
 
@@ -49,9 +51,10 @@ async def test_spec_runs_through_all_five_roles(relay, model_server, registry):
 async def test_validator_rejection_sends_the_constructor_back(relay, model_server):
     """A rejected change goes back to the constructor, whose fix is validated again."""
     result = await run_spec(relay, "Write a greeting module [reject-once]")
-    assert result.outcome == "approved"
+    assert result.outcome == "delivered"
     roles = [r.role for r in model_server.recorded()]
-    assert roles[-4:] == ["constructor", "validator", "constructor", "validator"]
+    turns = [role for i, role in enumerate(roles) if i == 0 or roles[i - 1] != role]
+    assert turns[-4:] == ["constructor", "validator", "constructor", "validator"]
 
 
 async def test_bounded_rounds_end_with_a_flagged_outcome(relay, settings):
@@ -72,10 +75,10 @@ async def test_clarifier_rounds_are_bounded(relay, settings, model_server):
     st = await wait_for_questions(relay, sid, 2)
     assert [q.id for q in st.pending.questions] == ["q3", "q4"]
     await relay.answer(sid, {"q3": "third answer", "q4": "fourth answer"})
-    result = await relay.result(sid)
+    result = await approve_when_asked(relay, sid)
 
     assert "clarification_incomplete" in result.flags
-    assert result.outcome == "approved"
+    assert result.outcome == "delivered"
     for text in ("Write a greeting module", "first answer", "fourth answer"):
         assert text in result.clarified_spec
     kinds = [r.role for r in model_server.recorded() if r.role == "clarifier"]
@@ -86,9 +89,9 @@ async def test_answer_deadline_lets_the_best_spec_go_on(relay, settings):
     """With a deadline and no answer, the clarifier finalizes and the spec goes on, flagged."""
     limits = settings.limits().model_copy(update={"answer_timeout_s": 0.5})
     sid = await relay.run("Write a greeting module", spec_id=spec_id(), limits=limits)
-    result = await relay.result(sid)
+    result = await approve_when_asked(relay, sid)
     assert "answers_timed_out" in result.flags and "clarification_incomplete" in result.flags
-    assert result.outcome == "approved"
+    assert result.outcome == "delivered"
 
 
 async def test_specs_waiting_for_a_human_are_listed_by_search_attribute(relay, client):
@@ -113,4 +116,4 @@ async def test_specs_waiting_for_a_human_are_listed_by_search_attribute(relay, c
     assert {"answer"} <= {u.name for u in metadata.definition.update_definitions}
     assert {"answer_signal"} <= {s.name for s in metadata.definition.signal_definitions}
     await relay.answer(sid, ANSWERS)
-    await relay.result(sid)
+    await approve_when_asked(relay, sid)

@@ -28,7 +28,7 @@ def replayer() -> Replayer:
 async def test_a_fresh_full_run_replays(relay, client):
     """A full run (questions, answers, an audit rejection, an iteration) replays cleanly."""
     result = await run_spec(relay, "Write a greeting module [reject-once]")
-    await relay.iterate(result.spec_id, "Greet in Italian too")
+    await relay.iterate(result.spec_id, "Greet in Italian too", auto_approve=True)
     await relay.result(result.spec_id)
     async for execution in client.list_workflows(f'WorkflowId = "{result.spec_id}"'):
         history = await client.get_workflow_handle(

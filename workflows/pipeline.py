@@ -23,16 +23,20 @@ with workflow.unsafe.imports_passed_through():
 
     from relay.models import (
         PHASE_SEARCH_ATTRIBUTE, ROLES, WORKFLOW_TYPE, AgentTurnInput, AgentTurnResult, AnswerAck,
-        AnswerInput, Audit, Change, Clarification, OpenSpecInput, OpenSpecResult, PendingQuestions,
-        Phase, PipelineResult, Plan, Question, Role, SessionStateInput, SpecInput, Status,
-        Validation,
+        AnswerInput, ApprovalInput, Audit, Change, Clarification, Decision,
+        EffectInput, EffectRef, EffectResult, OpenSpecInput, OpenSpecResult,
+        PendingQuestions, Phase, PipelineResult, Plan, PrepareWorkspaceInput,
+        Question, RejectInput, Role, SessionStateInput, SpecInput, Status, Validation, WorkspaceRef,
     )
-    from workflows import render
+    from workflows import render, saga
+    from workflows.saga import BOOKKEEPING
 
 log = structlog.get_logger("relay.workflow")
 PHASE = SearchAttributeKey.for_keyword(PHASE_SEARCH_ATTRIBUTE)
-BOOKKEEPING = dict(start_to_close_timeout=timedelta(seconds=30),
-                   retry_policy=RetryPolicy(maximum_interval=timedelta(seconds=10)))
+
+
+# Runs started before workspaces existed replay without these steps.
+WORKSPACE_PATCH = "relay-workspace-1"
 
 
 class SpecFailed(Exception):
@@ -47,15 +51,21 @@ class SpecPipeline:
         self._status = Status(spec_id=workflow.info().workflow_id)
         self._turns: dict[Role, int] = {}
         self._answers: dict[str, str] | None = None
+        self._decision: Decision | None = None
         self._opened = False
+        self._effects_begun = False
+        self._compensated: list[EffectRef] = []
 
     # --- run ---------------------------------------------------------------------
 
     @workflow.run
     async def run(self, inp: SpecInput) -> PipelineResult:
+        workspaces = workflow.patched(WORKSPACE_PATCH)
         try:
             self._check_request(inp.request)
             opened = await self._open(inp)
+            if workspaces:
+                await self._prepare_workspace(inp)
             spec = await self._clarify(inp, opened)
             plan, plan_ok = await self._plan_and_audit(spec)
             change = validation = None
@@ -63,22 +73,36 @@ class SpecPipeline:
             if plan_ok:
                 change, validation = await self._construct_and_validate(spec, plan)
                 outcome = "approved" if validation.approved else "change_rejected"
+            if workspaces and outcome == "approved":
+                decision = await self._approval(inp)
+                outcome = "delivered" if decision.approved else "rejected"
+                if decision.approved:
+                    await self._deliver(inp)
+            if workspaces and outcome != "delivered":
+                await self._compensate()
             self._status.outcome = outcome
             await self._close(Phase.completed, session_state="done", spec_status="completed")
             await workflow.wait_condition(workflow.all_handlers_finished)
             return PipelineResult(
                 spec_id=self._status.spec_id, iteration=self._status.iteration, outcome=outcome,
                 clarified_spec=spec, plan=plan, change=change, validation=validation,
-                flags=self._status.flags, usage=self._status.usage, models=self._status.models)
+                flags=self._status.flags, usage=self._status.usage, models=self._status.models,
+                delivery=self._status.delivery, decision=self._status.decision,
+                branch=self._status.workspace.branch if self._status.workspace else None,
+                compensated=self._compensated, needs_human=self._status.needs_human)
         except asyncio.CancelledError:
             self._status.error = "cancelled"
+            await self._compensate()
             await self._close(Phase.cancelled, session_state="idle", spec_status="cancelled")
             raise
         except SpecFailed as failure:
             self._status.error = str(failure)
-            log.error("spec.failed", reason=str(failure))
+            await self._compensate()
+            if self._status.needs_human:
+                self._status.error += (f"; {len(self._status.needs_human)} compensation(s) need a "
+                                       f"human: run 'relay compensate {self._status.spec_id}'")
             await self._close(Phase.failed, session_state="idle", spec_status="failed")
-            raise ApplicationError(str(failure), type="SpecFailed", non_retryable=True) from None
+            raise ApplicationError(self._status.error, type="SpecFailed", non_retryable=True) from None
 
     def _check_request(self, request: str) -> None:
         if not request.strip():
@@ -116,7 +140,8 @@ class SpecPipeline:
         await workflow.execute_activity(
             "set_session_states",
             SessionStateInput(spec_id=self._status.spec_id, state=session_state, roles=roles,
-                              spec_status=spec_status, outcome=self._status.outcome),
+                              spec_status=spec_status, outcome=self._status.outcome,
+                              error=self._status.error),
             summary=f"close spec: {spec_status}", **BOOKKEEPING)
 
     # --- the three stages ------------------------------------------------------------
@@ -173,8 +198,9 @@ class SpecPipeline:
 
     async def _construct_and_validate(self, spec: str, plan: Plan) -> tuple[Change, Validation]:
         self._set_phase(Phase.constructing, Role.constructor)
-        change = Change.model_validate((await self._turn(
-            Role.constructor, "construct", spec=spec, plan=render.plan(plan))).output)
+        built = await self._turn(Role.constructor, "construct", spec=spec, plan=render.plan(plan))
+        await self._commit(built, round_no=1)
+        change = Change.model_validate(built.output)
         for round_no in range(1, self._limits.max_fix_rounds + 1):
             self._status.rounds["validate"] = round_no
             self._set_phase(Phase.validating, Role.validator)
@@ -186,8 +212,10 @@ class SpecPipeline:
                     self._flag("change_not_approved")
                 return change, validation
             self._set_phase(Phase.constructing, Role.constructor)
-            change = Change.model_validate((await self._turn(
-                Role.constructor, "fix", failures=render.bullets(validation.failures))).output)
+            built = await self._turn(Role.constructor, "fix",
+                                     failures=render.bullets(validation.failures))
+            await self._commit(built, round_no=round_no + 1)
+            change = Change.model_validate(built.output)
         raise AssertionError("unreachable")
 
     # --- one agent turn ----------------------------------------------------------------
@@ -201,9 +229,13 @@ class SpecPipeline:
             result = await workflow.execute_activity(
                 "agent_turn",
                 AgentTurnInput(spec_id=self._status.spec_id, role=role, turn=turn, kind=kind,
-                               variables=variables),
+                               variables=variables, iteration=self._status.iteration,
+                               workspace=self._status.workspace,
+                               max_tool_steps=limits.max_tool_steps,
+                               check_timeout_s=limits.check_timeout_s),
                 result_type=AgentTurnResult,
-                start_to_close_timeout=timedelta(seconds=limits.turn_timeout_s),
+                start_to_close_timeout=timedelta(
+                    seconds=limits.turn_timeout_s + (limits.check_timeout_s if self._status.workspace else 0)),
                 heartbeat_timeout=timedelta(seconds=limits.heartbeat_timeout_s),
                 retry_policy=RetryPolicy(initial_interval=timedelta(seconds=1),
                                          maximum_interval=timedelta(seconds=60),
@@ -223,6 +255,139 @@ class SpecPipeline:
             self._flag(f"{role.value}_output_repaired")
         return result
 
+    # --- the workspace and its side effects (a saga) --------------------------------------
+
+    async def _prepare_workspace(self, inp: SpecInput) -> None:
+        self._effects_begun = True
+        try:
+            self._status.workspace = await workflow.execute_activity(
+                "prepare_workspace",
+                PrepareWorkspaceInput(spec_id=self._status.spec_id, iteration=self._status.iteration,
+                                      workspace=inp.workspace),
+                result_type=WorkspaceRef, summary="prepare branch and worktree",
+                **self._effect_options())
+            for index, hook in enumerate(h for h in inp.hooks if h.at == "prepare"):
+                await self._effect(f"hook/prepare/{index}", hook.effect, hook.payload,
+                                   reversible_only=True)
+        except ActivityError as err:
+            raise SpecFailed(f"workspace: {_reason(err)}") from None
+
+    async def _commit(self, built: AgentTurnResult, round_no: int) -> None:
+        ws = self._status.workspace
+        if ws is None:
+            return
+        summary = str(built.output.get("summary", "")).strip() or "change"
+        await self._effect(f"commit/r{round_no}", "git.commit", {
+            "repo": ws.repo, "worktree": ws.worktree, "branch": ws.branch,
+            "paths": built.changed_paths,
+            "message": f"relay {self._status.spec_id} iteration {self._status.iteration} "
+                       f"round {round_no}: {summary}"[:200]})
+
+    async def _effect(self, step: str, effect: str, payload: dict[str, Any], *,
+                      reversible_only: bool = False) -> EffectResult:
+        try:
+            result = await workflow.execute_activity(
+                "run_effect",
+                EffectInput(spec_id=self._status.spec_id, step=f"i{self._status.iteration}/{step}",
+                            effect=effect, payload=payload, reversible_only=reversible_only,
+                            max_attempts=self._limits.effect_max_attempts),
+                result_type=EffectResult, summary=f"{effect} ({step})", **self._effect_options())
+        except ActivityError as err:
+            raise SpecFailed(f"effect {effect} failed: {_reason(err)}") from None
+        self._status.effects.append(EffectRef(key=result.key, effect=effect, step=step,
+                                              status=result.status))
+        return result
+
+    def _effect_options(self) -> dict[str, Any]:
+        return dict(start_to_close_timeout=timedelta(minutes=5),
+                    retry_policy=RetryPolicy(initial_interval=timedelta(milliseconds=500),
+                                             maximum_interval=timedelta(seconds=30),
+                                             maximum_attempts=self._limits.effect_max_attempts))
+
+    async def _approval(self, inp: SpecInput) -> Decision:
+        if inp.auto_approve:
+            self._status.decision = Decision(approved=True, reviewer="policy: auto_approve")
+            return self._status.decision
+        ws = self._status.workspace
+        self._status.waiting_for = (
+            f"approval to merge {ws.branch if ws else 'the change'} into "
+            f"{ws.target if ws else 'the target'}: send the `approve` update "
+            f"(relay approve {self._status.spec_id}) or `reject` with a reason")
+        self._set_phase(Phase.waiting_for_approval, None)
+        await workflow.wait_condition(lambda: self._decision is not None)
+        self._status.waiting_for = None
+        self._status.decision = self._decision
+        assert self._decision is not None
+        return self._decision
+
+    async def _deliver(self, inp: SpecInput) -> None:
+        ws = self._status.workspace
+        assert ws is not None
+        self._set_phase(Phase.delivering, None)
+        delivered = await self._effect("deliver", "git.deliver",
+                                       {"repo": ws.repo, "branch": ws.branch, "target": ws.target})
+        self._status.delivery = delivered.result
+        await self._effect("cleanup", "git.cleanup",
+                           {"repo": ws.repo, "branch": ws.branch, "worktree": ws.worktree})
+        for index, hook in enumerate(h for h in inp.hooks if h.at == "deliver"):
+            await self._effect(f"hook/deliver/{index}", hook.effect, hook.payload)
+
+    async def _compensate(self) -> None:
+        """Undo this run's effects, newest first; one that keeps failing waits for a human."""
+        if not self._effects_begun:
+            return
+        self._set_phase(Phase.compensating, None)
+        done, stuck = await saga.compensate(self._status.spec_id, workflow.info().run_id,
+                                            self._limits)
+        self._compensated += done
+        self._status.needs_human += stuck
+        if stuck:
+            self._flag("needs_human")
+        self._effects_begun = False
+
+    @workflow.update
+    def approve(self, inp: ApprovalInput) -> Decision:
+        """Approve delivery of the validated change: {"reviewer": "alice"}."""
+        self._decision = Decision(approved=True, reviewer=inp.reviewer, reason=inp.comment)
+        return self._decision
+
+    @approve.validator
+    def _validate_approve(self, inp: ApprovalInput) -> None:
+        self._check_awaiting_approval()
+
+    @workflow.update
+    def reject(self, inp: RejectInput) -> Decision:
+        """Reject the change: {"reason": "..."}; every effect is compensated."""
+        self._decision = Decision(approved=False, reviewer=inp.reviewer, reason=inp.reason)
+        return self._decision
+
+    @reject.validator
+    def _validate_reject(self, inp: RejectInput) -> None:
+        self._check_awaiting_approval()
+
+    @workflow.signal
+    def approve_signal(self, payload: Any) -> None:
+        self._decide_by_signal(ApprovalInput, payload, approved=True)
+
+    @workflow.signal
+    def reject_signal(self, payload: Any) -> None:
+        self._decide_by_signal(RejectInput, payload, approved=False)
+
+    def _decide_by_signal(self, model: type, payload: Any, *, approved: bool) -> None:
+        try:
+            self._check_awaiting_approval()
+            parsed = model.model_validate(payload if payload is not None else {})
+        except (ValueError, ValidationError) as err:
+            self._status.rejected_inputs.append(
+                f"{'approve' if approved else 'reject'}_signal rejected: {_one_line(str(err))}")
+            return
+        self._decision = Decision(approved=approved, reviewer=parsed.reviewer,
+                                  reason=getattr(parsed, "reason", None) or getattr(parsed, "comment", None))
+
+    def _check_awaiting_approval(self) -> None:
+        if self._status.phase != Phase.waiting_for_approval or self._decision is not None:
+            raise ValueError(f"nothing is waiting for approval (phase: {self._status.phase.value})")
+
     # --- waiting for a human --------------------------------------------------------------
 
     async def _wait_for_answers(self, round_no: int, questions: list[Question]) -> dict[str, str] | None:
@@ -241,13 +406,17 @@ class SpecPipeline:
                 lambda: self._answers is not None,
                 timeout=timedelta(seconds=timeout) if timeout else None,
                 timeout_summary="answer deadline")
+            answers = self._answers
         except asyncio.TimeoutError:
-            return None
-        finally:
+            answers = None
+        except asyncio.CancelledError:
             self._status.pending = None
-            self._session_state(Role.clarifier, "idle")
-            self._set_phase(Phase.clarifying, Role.clarifier)
-        return self._answers
+            raise
+        # not in `finally`: a workflow evicted from the cache must not touch workflow state
+        self._status.pending = None
+        self._session_state(Role.clarifier, "idle")
+        self._set_phase(Phase.clarifying, Role.clarifier)
+        return answers
 
     def _check_answers(self, answers: dict[str, str]) -> dict[str, str]:
         pending = self._status.pending

@@ -39,6 +39,12 @@ def details(status: Status) -> str:
                      "`answer` update or `answer_signal` signal with "
                      '`{"answers": {"<id>": "<text>"}}`:')
         lines += [f"- `{q.id}`: {q.text}" for q in status.pending.questions]
+    if status.phase == Phase.waiting_for_approval and status.waiting_for:
+        lines.append(f"Waiting for {status.waiting_for}")
+    if status.needs_human:
+        lines.append("**needs a human**: compensation failed for "
+                     + ", ".join(f"{e.effect} ({e.step})" for e in status.needs_human)
+                     + f" — `relay compensate {status.spec_id}`")
     if status.flags:
         lines.append("flags: " + ", ".join(status.flags))
     if status.error:
