@@ -20,6 +20,7 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from activities.effects import EffectExecutor
+from activities.heartbeat import with_heartbeat
 from activities.model_errors import to_temporal_error
 from activities.tools import ToolBox, ToolRefused, tool_definitions
 from relay import prompts
@@ -128,20 +129,11 @@ class AgentTurnActivities:
             spec_id=inp.spec_id, workflow_id=info.workflow_id, run_id=info.workflow_run_id,
             role=inp.role.value, turn=inp.turn, attempt=info.attempt,
         )
-        heartbeat = asyncio.create_task(self._heartbeat())
         try:
-            return await self._turn(inp)
+            return await with_heartbeat(self._turn(inp))
         finally:
-            heartbeat.cancel()
             structlog.contextvars.unbind_contextvars(
                 "spec_id", "workflow_id", "run_id", "role", "turn", "attempt", "session_id")
-
-    async def _heartbeat(self) -> None:
-        timeout = activity.info().heartbeat_timeout
-        interval = max(0.5, timeout.total_seconds() / 3) if timeout else 10.0
-        while True:  # the first beat waits: a quick turn needs none, and each beat is a server write
-            await asyncio.sleep(interval)
-            activity.heartbeat()
 
     async def _turn(self, inp: AgentTurnInput) -> AgentTurnResult:
         prompt = prompts.load(inp.role)

@@ -14,6 +14,7 @@ from pathlib import Path
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
+from activities.heartbeat import with_heartbeat
 from relay.effects import EffectContext, EffectRegistry, UnknownEffect
 from relay.failpoints import Failpoints
 from relay.ledger import COMPENSATED, DONE, FAILED, NEEDS_HUMAN, EffectConflict, EffectRecord, Ledger
@@ -89,10 +90,10 @@ class EffectActivities:
     async def run_effect(self, inp: EffectInput) -> EffectResult:
         info = activity.info()
         try:
-            row, replayed = await asyncio.to_thread(
+            row, replayed = await with_heartbeat(asyncio.to_thread(
                 self.executor.execute, spec_id=inp.spec_id, run_id=info.workflow_run_id,
                 step=inp.step, effect=inp.effect, payload=inp.payload, key=inp.key,
-                reversible_only=inp.reversible_only)
+                reversible_only=inp.reversible_only))
         except EffectConflict as exc:
             raise _non_retryable(exc, "EffectConflict") from None
         except UnknownEffect as exc:
@@ -112,7 +113,7 @@ class EffectActivities:
     @activity.defn(name="compensate_effect")
     async def compensate_effect(self, inp: CompensateInput) -> EffectRef:
         try:
-            return effect_ref(await asyncio.to_thread(self.executor.compensate, inp.key))
+            return effect_ref(await with_heartbeat(asyncio.to_thread(self.executor.compensate, inp.key)))
         except Exception as exc:
             await asyncio.to_thread(self.executor.ledger.update, inp.key,
                                     error=" ".join(str(exc).split())[:500])

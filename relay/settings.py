@@ -43,6 +43,10 @@ class RelaySettings(BaseSettings):
     model_max_attempts: int = 6
     turn_timeout_s: float = 600
     heartbeat_timeout_s: float = 60
+    max_tool_steps: int = 25
+    check_timeout_s: float = 300
+    effect_max_attempts: int = 5
+    compensation_max_attempts: int = 3
 
     max_cached_workflows: int = Field(default=1000, ge=0, description="worker's sticky cache")
     max_concurrent_activities: int = Field(default=100, ge=1)
@@ -74,4 +78,8 @@ class RelaySettings(BaseSettings):
             model_max_attempts=self.model_max_attempts,
             turn_timeout_s=self.turn_timeout_s,
             heartbeat_timeout_s=self.heartbeat_timeout_s,
+            max_tool_steps=self.max_tool_steps,
+            check_timeout_s=self.check_timeout_s,
+            effect_max_attempts=self.effect_max_attempts,
+            compensation_max_attempts=self.compensation_max_attempts,
         )

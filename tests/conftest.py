@@ -79,7 +79,7 @@ def settings(data_dir: Path, temporal: DevServer, model_server: ScriptedModel,
         data_dir=data_dir, database_url=registry_url, temporal_address=temporal.address,
         task_queue=f"test-{uuid.uuid4().hex[:8]}", anthropic_api_key=None,
         anthropic_base_url=model_server.url, model=SCRIPTED_MODEL,
-        heartbeat_timeout_s=5, model_max_attempts=4,
+        heartbeat_timeout_s=5, model_max_attempts=4, effects="tests.adopter_effects:effects",
     )
 
 
@@ -147,6 +147,7 @@ def cli_env(settings: RelaySettings) -> dict[str, str]:
         ANTHROPIC_BASE_URL=settings.anthropic_base_url or "", RELAY_MODEL=settings.model,
         RELAY_HEARTBEAT_TIMEOUT_S=str(settings.heartbeat_timeout_s),
         RELAY_MODEL_MAX_ATTEMPTS=str(settings.model_max_attempts), RELAY_LOG_FORMAT="json",
+        RELAY_EFFECTS=settings.effects or "",
     )
     return env
 

@@ -300,6 +300,7 @@ class SpecPipeline:
 
     def _effect_options(self) -> dict[str, Any]:
         return dict(start_to_close_timeout=timedelta(minutes=5),
+                    heartbeat_timeout=timedelta(seconds=self._limits.heartbeat_timeout_s),
                     retry_policy=RetryPolicy(initial_interval=timedelta(milliseconds=500),
                                              maximum_interval=timedelta(seconds=30),
                                              maximum_attempts=self._limits.effect_max_attempts))

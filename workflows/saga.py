@@ -39,6 +39,7 @@ async def compensate(spec_id: str, run_id: str | None,
                 "compensate_effect", CompensateInput(key=ref.key), result_type=EffectRef,
                 summary=f"compensate {ref.effect} ({ref.step})",
                 start_to_close_timeout=timedelta(minutes=5),
+                heartbeat_timeout=timedelta(seconds=limits.heartbeat_timeout_s),
                 retry_policy=RetryPolicy(initial_interval=timedelta(milliseconds=500),
                                          maximum_attempts=limits.compensation_max_attempts)))
         except ActivityError as err:

@@ -1,0 +1,204 @@
+"""Agents act on a real git repository: a branch in its own worktree, real checks, delivery.
+
+Everything here runs real git and the real check command; the user's
+checkout is inspected directly to prove it is untouched until delivery and
+restored when a run is rolled back.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from relay.client import SpecFailed
+from relay.ledger import Ledger
+from relay.models import Phase, WorkspaceInput
+
+from tests.conftest import ANSWERS, approve_when_asked, run_spec, spec_id, wait_for, wait_for_questions
+
+CHECK = "python -m unittest -v"
+
+
+def git(repo: Path, *args: str) -> str:
+    return subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True,
+                          check=True).stdout.strip()
+
+
+@pytest.fixture
+def user_repo(tmp_path: Path) -> Path:
+    """A user's repository with a main branch and a clean checkout."""
+    repo = tmp_path / "project"
+    repo.mkdir()
+    git(repo, "init", "-q", "-b", "main")
+    (repo / "README.md").write_text("# project\n")
+    git(repo, "add", "README.md")
+    git(repo, "-c", "user.name=u", "-c", "user.email=u@x", "commit", "-q", "-m", "first")
+    return repo
+
+
+def snapshot(repo: Path) -> tuple[str, str, list[str], str]:
+    """What the user sees: main's commit, the checkout's state, its files, the branches."""
+    return (git(repo, "rev-parse", "main"), git(repo, "status", "--porcelain"),
+            sorted(p.name for p in repo.iterdir() if p.name != ".git"),
+            git(repo, "branch", "--format=%(refname:short)"))
+
+
+async def waiting_for_approval(relay, sid: str):
+    return await wait_for(relay, sid, lambda s: s.phase in (Phase.waiting_for_approval, Phase.failed,
+                                                           Phase.completed))
+
+
+async def start(relay, request: str, repo: Path | None, **options) -> str:
+    workspace = WorkspaceInput(path=str(repo), check=CHECK) if repo else None
+    sid = await relay.run(request, spec_id=spec_id("ws"), workspace=workspace, **options)
+    await wait_for_questions(relay, sid)
+    await relay.answer(sid, ANSWERS)
+    return sid
+
+
+class TestDelivery:
+    async def test_built_on_a_branch_checked_for_real_and_merged_after_approval(
+            self, relay, registry, user_repo, model_server, data_dir):
+        """Files land on relay/<spec> in a separate worktree; the checks really run; the
+        user's checkout is untouched until approval; then main gets the merge."""
+        before = snapshot(user_repo)
+        sid = await start(relay, "Write a greeting module", user_repo)
+        st = await waiting_for_approval(relay, sid)
+        assert st.phase == Phase.waiting_for_approval, st.error
+
+        assert snapshot(user_repo) == (before[0], "", before[2], f"main\nrelay/{sid}")
+        assert "def greet" in git(user_repo, "show", f"relay/{sid}:greeting.py")
+        assert "unittest" in git(user_repo, "show", f"relay/{sid}:test_greeting.py")
+        worktree = Path(st.workspace.worktree)
+        assert worktree.is_dir() and worktree.parent == data_dir.resolve() / "worktrees"
+        check_output = str([r.body["messages"][-1] for r in model_server.recorded("validator")])
+        assert "Ran 3 tests" in check_output and "exit code: 0" in check_output
+
+        await relay.approve(sid, reviewer="maintainer")
+        result = await relay.result(sid)
+        assert result.outcome == "delivered"
+        assert result.delivery["target"] == "main"
+        assert git(user_repo, "rev-parse", "main") == result.delivery["commit"] != before[0]
+        assert (user_repo / "greeting.py").is_file() and git(user_repo, "status", "--porcelain") == ""
+        assert git(user_repo, "branch", "--format=%(refname:short)") == "main"
+        assert not worktree.exists()
+        assert len(git(user_repo, "worktree", "list").splitlines()) == 1
+        rows = Ledger(registry).effects(sid)
+        assert [r.effect for r in rows] == ["git.prepare_workspace", "git.write_file",
+                                           "git.write_file", "git.commit", "git.deliver",
+                                           "git.cleanup"]
+        assert all(r.status == "done" for r in rows)
+        assert [r.reversible for r in rows][-2:] == [False, False]
+
+    async def test_failing_check_sends_the_constructor_back_to_fix_it(self, relay, user_repo,
+                                                                      model_server):
+        """The first module fails its test; the validator sees it; the fix passes and ships."""
+        sid = await start(relay, "Write a greeting module [buggy-first]", user_repo)
+        result = await approve_when_asked(relay, sid)
+        assert result.outcome == "delivered"
+        first_check = str(model_server.recorded("validator")[0].body) + str(
+            model_server.recorded("validator")[1].body["messages"][-1])
+        assert "FAILED" in first_check
+        assert '"es": "Hola"' in (user_repo / "greeting.py").read_text()
+        assert git(user_repo, "log", "--format=%s", "main").count("relay ") == 2  # round 1 and 2
+
+    async def test_auto_approve_policy_delivers_without_a_human(self, relay, user_repo):
+        """With auto_approve the spec never waits, and says who decided."""
+        sid = await start(relay, "Write a greeting module", user_repo, auto_approve=True)
+        result = await relay.result(sid)
+        assert result.outcome == "delivered"
+        assert result.decision.reviewer == "policy: auto_approve"
+
+    async def test_without_a_workspace_relay_creates_one(self, relay, data_dir):
+        """No path: a fresh repository in the data directory, delivered into its main."""
+        result = await run_spec(relay, "Write a greeting module")
+        repo = data_dir / "workspaces" / result.spec_id
+        assert result.outcome == "delivered"
+        assert (repo / "greeting.py").is_file()
+        assert git(repo, "branch", "--format=%(refname:short)") == "main"
+
+
+class TestRollback:
+    async def assert_restored(self, relay, registry, sid: str, repo: Path, before) -> None:
+        assert snapshot(repo) == before
+        assert len(git(repo, "worktree", "list").splitlines()) == 1
+        rows = Ledger(registry).effects(sid)
+        assert rows and all(r.status == "compensated" for r in rows)
+
+    async def test_final_validator_rejection_compensates_in_reverse_order(
+            self, relay, registry, user_repo, settings):
+        """Out of fix rounds: every effect is undone newest first and the repo is as it was."""
+        before = snapshot(user_repo)
+        limits = settings.limits().model_copy(update={"max_fix_rounds": 1})
+        sid = await start(relay, "Write a greeting module [buggy-first]", user_repo, limits=limits)
+        result = await relay.result(sid)
+        assert result.outcome == "change_rejected"
+        ledger_order = [r.key for r in Ledger(registry).effects(sid)]
+        assert [r.key for r in result.compensated] == ledger_order[::-1]
+        await self.assert_restored(relay, registry, sid, user_repo, before)
+
+    async def test_human_rejection_compensates(self, relay, registry, user_repo):
+        """`reject` with a reason: nothing is merged and the branch and worktree are gone."""
+        before = snapshot(user_repo)
+        sid = await start(relay, "Write a greeting module", user_repo)
+        await waiting_for_approval(relay, sid)
+        decision = await relay.reject(sid, "not this week", reviewer="lead")
+        assert decision.approved is False
+        result = await relay.result(sid)
+        assert result.outcome == "rejected" and result.decision.reason == "not this week"
+        await self.assert_restored(relay, registry, sid, user_repo, before)
+
+    async def test_cancel_compensates(self, relay, registry, user_repo):
+        """`relay cancel` while waiting for approval rolls the run back before it ends."""
+        before = snapshot(user_repo)
+        sid = await start(relay, "Write a greeting module", user_repo)
+        await waiting_for_approval(relay, sid)
+        await relay.cancel(sid)
+        with pytest.raises(SpecFailed, match="cancelled"):
+            await relay.result(sid)
+        await self.assert_restored(relay, registry, sid, user_repo, before)
+
+    async def test_approval_is_refused_when_nothing_waits(self, relay, user_repo):
+        """Approving a spec that is still clarifying is rejected at once, with the phase."""
+        sid = await relay.run("Write a greeting module", spec_id=spec_id("ws"),
+                              workspace=WorkspaceInput(path=str(user_repo), check=CHECK))
+        await wait_for_questions(relay, sid)
+        from relay.client import InvalidAnswer
+
+        with pytest.raises(InvalidAnswer, match="nothing is waiting for approval"):
+            await relay.approve(sid)
+        with pytest.raises(InvalidAnswer, match="nothing is waiting for approval"):
+            await relay.reject(sid, "too early")
+        await relay.cancel(sid)
+
+
+class TestBadWorkspaces:
+    async def test_not_a_repository(self, relay, tmp_path):
+        """A path that is not a git repository is refused before anything starts."""
+        from relay.client import InvalidRequest
+
+        with pytest.raises(InvalidRequest, match="is not a git repository"):
+            await relay.run("x", workspace=WorkspaceInput(path=str(tmp_path)))
+        with pytest.raises(InvalidRequest, match="does not exist"):
+            await relay.run("x", workspace=WorkspaceInput(path=str(tmp_path / "nope")))
+
+    async def test_unknown_target_branch(self, relay, user_repo):
+        from relay.client import InvalidRequest
+
+        with pytest.raises(InvalidRequest, match="has no branch 'release'"):
+            await relay.run("x", workspace=WorkspaceInput(path=str(user_repo), target="release"))
+
+    async def test_bad_workspace_from_the_ui_fails_the_spec_clearly(self, relay, client, settings,
+                                                                    tmp_path):
+        """Raw JSON naming a non-repository: the spec fails with the reason, not stuck."""
+        from temporalio.client import WorkflowFailureError
+
+        sid = spec_id("ws")
+        handle = await client.start_workflow(
+            "SpecPipeline", {"request": "x", "workspace": {"path": str(tmp_path)}}, id=sid,
+            task_queue=settings.task_queue)
+        with pytest.raises(WorkflowFailureError) as failure:
+            await handle.result()
+        assert "is not a git repository" in str(failure.value.cause)
