@@ -42,16 +42,20 @@ class EffectExecutor:
         definition = self.effects.get(effect)
         if reversible_only and not definition.reversible:
             raise EffectConflict(f"effect {effect!r} is irreversible and cannot run before approval")
+        undo = None
+        if definition.take_snapshot is not None:
+            # what the compensation needs is taken before acting and stored with the new row;
+            # a retry's row already has the first attempt's snapshot, and keeps it
+            probe = EffectContext(spec_id=spec_id, run_id=run_id, key=key or "", data_dir=self.data_dir)
+            undo = definition.take_snapshot(probe, payload)
         row, _ = self.ledger.register(spec_id=spec_id, run_id=run_id, step=step, effect=effect,
-                                      reversible=definition.reversible, payload=payload, key=key)
+                                      reversible=definition.reversible, payload=payload, key=key,
+                                      undo=undo)
         if row.status == DONE:
             return row, True
         if row.status in (COMPENSATED, NEEDS_HUMAN):
             raise EffectConflict(f"effect {effect} step {step} was already compensated; not acting again")
         ctx = EffectContext(spec_id=spec_id, run_id=run_id, key=row.key, data_dir=self.data_dir)
-        if row.undo is None and definition.take_snapshot is not None:
-            # the compensation's data is recorded before the effect acts
-            row = self.ledger.update(row.key, undo=definition.take_snapshot(ctx, payload))
         try:
             result = definition.act(ctx, payload)
         except Exception as exc:

@@ -76,6 +76,19 @@ async def _client(address: str | None) -> RelayClient:
     return await RelayClient.connect(settings_for(address))
 
 
+Workspace = Annotated[Optional[Path], typer.Option(
+    "--workspace", "-w", help="Git repository to work on (default: a fresh one in the data dir)")]
+Target = Annotated[str, typer.Option("--target", help="Branch the change is delivered to")]
+Check = Annotated[Optional[str], typer.Option(
+    "--check", help='Check command the validator runs, e.g. "pytest -q"')]
+AutoApprove = Annotated[bool, typer.Option(
+    "--auto-approve", help="Deliver without waiting for a human's approval")]
+
+
+def _workspace(path: Path | None, target: str, check: str | None) -> WorkspaceInput:
+    return WorkspaceInput(path=str(path) if path else None, target=target, check=check)
+
+
 # --- servers -----------------------------------------------------------------------
 
 
@@ -150,12 +163,18 @@ def worker(address: Address = None,
 def demo(auto_answer: Annotated[bool, typer.Option(
              help="Answer the clarifier's questions and approve delivery automatically")] = False,
          keep_running: Annotated[bool, typer.Option(help="Keep the server and worker up afterwards")] = False,
-         headless: Annotated[bool, typer.Option(help="No Web UI")] = False) -> None:
-    """The main job end to end: embedded server + worker + the example spec."""
+         headless: Annotated[bool, typer.Option(help="No Web UI")] = False,
+         example: Annotated[str, typer.Option(help="greeting | greeting-fix")] = "greeting",
+         workspace: Workspace = None, target: Target = "main", check: Check = None) -> None:
+    """The main job end to end: embedded server + worker + an example spec."""
     settings = settings_for()
     if "RELAY_LOG_LEVEL" not in os.environ:  # the demo shows the pipeline, not the worker's log
         logs.configure(settings.log_format, "warning")
-    request = view.example_spec()
+    try:
+        request = view.example_spec(example)
+    except ValueError as exc:
+        fail(exc)
+        raise typer.Exit(1) from None
 
     async def go() -> int:
         stop, ready = asyncio.Event(), asyncio.Event()
@@ -167,7 +186,7 @@ def demo(auto_answer: Annotated[bool, typer.Option(
             embedded.result()
         try:
             rc = await RelayClient.connect(settings)
-            spec_id = await rc.run(request)
+            spec_id = await rc.run(request, workspace=_workspace(workspace, target, check))
             say(f"Started spec {spec_id} from the example request:\n{request}\n")
             code = await follow(rc, spec_id, "auto" if auto_answer else "interactive")
             if keep_running:
@@ -182,19 +201,6 @@ def demo(auto_answer: Annotated[bool, typer.Option(
 
 
 # --- specs -------------------------------------------------------------------------------
-
-
-Workspace = Annotated[Optional[Path], typer.Option(
-    "--workspace", "-w", help="Git repository to work on (default: a fresh one in the data dir)")]
-Target = Annotated[str, typer.Option("--target", help="Branch the change is delivered to")]
-Check = Annotated[Optional[str], typer.Option(
-    "--check", help='Check command the validator runs, e.g. "pytest -q"')]
-AutoApprove = Annotated[bool, typer.Option(
-    "--auto-approve", help="Deliver without waiting for a human's approval")]
-
-
-def _workspace(path: Path | None, target: str, check: str | None) -> WorkspaceInput:
-    return WorkspaceInput(path=str(path) if path else None, target=target, check=check)
 
 
 @app.command()

@@ -238,7 +238,14 @@ class RelayClient:
 
     async def compensate(self, spec_id: str) -> CompensationReport:
         """Re-run the compensations still pending for a spec that is not running."""
-        if await self._is_running(spec_id):
+        try:
+            running = await self._is_running(spec_id)
+        except SpecNotFound:
+            # Temporal may have dropped the run (retention); the ledger still knows its effects
+            if not Ledger(self.registry).effects(spec_id):
+                raise
+            running = False
+        if running:
             raise SpecAlreadyRunning(f"spec {spec_id} is running; it compensates by itself when it "
                                      "fails, is cancelled or is rejected")
         from workflows.compensation import COMPENSATION_WORKFLOW, compensation_workflow_id

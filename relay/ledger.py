@@ -72,8 +72,10 @@ class Ledger:
             return db.exec(select(EffectRecord).where(EffectRecord.key == key)).first()
 
     def register(self, *, spec_id: str, run_id: str, step: str, effect: str, reversible: bool,
-                 payload: dict[str, Any], key: str | None = None) -> tuple[EffectRecord, bool]:
-        """The row for this effect, created as `started` if new. Returns (row, created).
+                 payload: dict[str, Any], key: str | None = None,
+                 undo: dict[str, Any] | None = None) -> tuple[EffectRecord, bool]:
+        """The row for this effect, created as `started` (with `undo`, what its compensation
+        will need) if new; an existing row keeps its own. Returns (row, created).
 
         Raises EffectConflict when the step or key is already recorded with another payload.
         """
@@ -88,7 +90,7 @@ class Ledger:
                         f"executed with a different payload (key {existing.key}); refusing to reuse it")
                 return existing, False
             row = EffectRecord(key=key, spec_id=spec_id, run_id=run_id, step=step, effect=effect,
-                               reversible=reversible, payload=payload, payload_hash=digest)
+                               reversible=reversible, payload=payload, payload_hash=digest, undo=undo)
             try:
                 with Session(self.engine, expire_on_commit=False) as db:
                     db.add(row)

@@ -19,8 +19,16 @@ from relay.registry import AgentSession, SessionMessage
 SCRIPTED_NOTE = "[yellow]scripted model — deterministic answers, not a real LLM[/yellow]"
 
 
-def example_spec() -> str:
-    return (resources.files("relay") / "examples" / "greeting.md").read_text(encoding="utf-8").strip()
+EXAMPLES = {
+    "greeting": "the constructor writes a module with tests; the checks pass",
+    "greeting-fix": "the first module fails its test; the validator sends it back; the fix passes",
+}
+
+
+def example_spec(name: str = "greeting") -> str:
+    if name not in EXAMPLES:
+        raise ValueError(f"unknown example {name!r}; examples: {', '.join(EXAMPLES)}")
+    return (resources.files("relay") / "examples" / f"{name}.md").read_text(encoding="utf-8").strip()
 
 
 def model_label(models: list[str] | str | None) -> str:

@@ -19,9 +19,11 @@ async def main(out: str):
         ep = ModelEndpoint(anthropic.AsyncAnthropic(api_key="k", base_url=model.url, max_retries=0), SCRIPTED_MODEL)
         async with build_worker(client, task_queue="record", registry=reg, endpoint=ep, settings=s):
             rc = RelayClient(client, s, reg)
-            sid = await rc.run("Write a greeting module [reject-once]", spec_id="recorded-spec")
+            sid = await rc.run("Write a greeting module [buggy-first]", spec_id="recorded-spec")
             while (await rc.status(sid)).pending is None: await asyncio.sleep(0.05)
             await rc.answer(sid, {"q1": "devs", "q2": "tests pass"})
+            while (await rc.status(sid)).phase.value != "waiting_for_approval": await asyncio.sleep(0.05)
+            await rc.approve(sid, reviewer="recorder")
             await rc.result(sid)
             h = await client.get_workflow_handle(sid).fetch_history()
             Path(out).write_text(h.to_json())

@@ -256,3 +256,45 @@ async def test_run_prints_a_long_spec_id_on_one_line(relay, settings):
     assert out == sid + "\n"
     await wait_for_questions(relay, sid)
     await cancel_and_wait(relay, sid)
+
+
+# --- workspaces, approval and the effects ledger through the CLI ------------------------------
+
+
+async def test_workspace_spec_through_the_cli(relay, settings, tmp_path):
+    """`relay run --workspace --check`, `relay approve`, `relay effects`; then a rejected one."""
+    import subprocess
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    for args in (["init", "-q", "-b", "main"], ["commit", "-q", "--allow-empty", "-m", "start"]):
+        subprocess.run(["git", "-c", "user.name=u", "-c", "user.email=u@x", *args], cwd=repo,
+                       check=True)
+    sid = spec_id("cli")
+    ok(await cli(settings, "run", "Write a greeting module", "--id", sid, "--workspace", str(repo),
+                 "--check", "python -m unittest"))
+    await wait_for_questions(relay, sid)
+    ok(await cli(settings, "answer", sid, "--json", json.dumps(ANSWERS)))
+    await wait_for(relay, sid, lambda s: s.phase == Phase.waiting_for_approval)
+    out = ok(await cli(settings, "effects", sid))
+    assert "git.prepare_workspace" in out and "git.commit" in out and "done" in out
+    ok(await cli(settings, "approve", sid))
+    out = ok(await cli(settings, "result", sid))
+    assert "outcome: delivered" in out and (repo / "greeting.py").is_file()
+    rows = json.loads(ok(await cli(settings, "effects", sid, "--json")))
+    assert [r["effect"] for r in rows][-2:] == ["git.deliver", "git.cleanup"]
+
+    other = spec_id("cli")
+    ok(await cli(settings, "run", "Write a greeting module", "--id", other, "--workspace", str(repo)))
+    await wait_for_questions(relay, other)
+    await relay.answer(other, ANSWERS)
+    await wait_for(relay, other, lambda s: s.phase == Phase.waiting_for_approval)
+    code, _, err = await cli(settings, "reject", other)
+    assert code != 0 and "--reason" in err  # a rejection needs a reason
+    out = ok(await cli(settings, "reject", other, "--reason", "not now"))
+    assert f"{other}: rejected" in out
+    out = ok(await cli(settings, "result", other))
+    assert "outcome: rejected" in out and "compensated" in out
+    assert json.loads(ok(await cli(settings, "status", other, "--json")))["decision"]["reason"] == "not now"
+    out = ok(await cli(settings, "compensate", other))
+    assert "nothing to compensate" in out

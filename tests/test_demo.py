@@ -9,6 +9,8 @@ import pty
 import re
 import signal
 
+import pytest
+
 from tests.conftest import RELAY_CMD
 
 
@@ -18,10 +20,12 @@ def user_env(data_dir) -> dict[str, str]:
     return env
 
 
-async def test_demo_runs_the_example_spec_end_to_end(tmp_path):
-    """`relay demo --auto-answer`: embedded server, worker, scripted model, a finished spec."""
+@pytest.mark.parametrize("example", ["greeting", "greeting-fix"])
+async def test_demo_runs_the_example_spec_end_to_end(tmp_path, example):
+    """`relay demo --auto-answer`: embedded server, worker, scripted model, a delivered spec."""
     proc = await asyncio.create_subprocess_exec(
-        *RELAY_CMD, "demo", "--auto-answer", "--headless", env=user_env(tmp_path),
+        *RELAY_CMD, "demo", "--auto-answer", "--headless", "--example", example,
+        env=user_env(tmp_path),
         stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE)
     out, err = await asyncio.wait_for(proc.communicate(), timeout=120)

@@ -48,5 +48,6 @@ def test_image_carries_every_package():
     for top in {p.split(".")[0] for p in packages}:
         assert re.search(rf"^COPY {top} \./{top}$", dockerfile, re.M), top
     assert "[postgres]" in dockerfile
+    assert re.search(r"apt-get install .*\bgit\b", dockerfile)  # the git effects need it
     assert compose()["services"]["worker"]["environment"]["RELAY_TEMPORAL_ADDRESS"].split(":")[0] in (
         compose()["services"])
