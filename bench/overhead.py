@@ -1,7 +1,9 @@
 """Orchestration overhead per agent turn, and history size of a 7-iteration spec.
 
 Runs on the embedded dev server (with relay's throttle-lifting flags) and the
-scripted model answering instantly. Compares the time of one agent turn
+scripted model answering instantly and without tool calls ([no-tools]), with
+auto-approve, so a turn is one model call; the run's git side effects
+(commit, merge, cleanup) are reported in and out of the per-turn figure. Compares the time of one agent turn
 through relay with the same model call made directly through the anthropic SDK
 against the same server.
 
@@ -56,6 +58,23 @@ async def wait_for_questions(rc: RelayClient, sid: str) -> None:
         await asyncio.sleep(0.005)
 
 
+async def effect_ms(client, sid: str, after: float) -> float:
+    """Time the run spent in workspace side effects (git) after `after` (epoch seconds)."""
+    history = await client.get_workflow_handle(sid).fetch_history()
+    scheduled: dict[int, tuple[str, float]] = {}
+    total = 0.0
+    for event in history.events:
+        when = event.event_time.ToMicroseconds() / 1e6
+        if event.HasField("activity_task_scheduled_event_attributes"):
+            kind = event.activity_task_scheduled_event_attributes.activity_type.name
+            scheduled[event.event_id] = (kind, when)
+        elif event.HasField("activity_task_completed_event_attributes"):
+            kind, start = scheduled[event.activity_task_completed_event_attributes.scheduled_event_id]
+            if kind in ("run_effect", "prepare_workspace") and start >= after:
+                total += (when - start) * 1000
+    return total
+
+
 async def history_bytes(client, sid: str) -> list[tuple[int, int]]:
     sizes = []
     async for execution in client.list_workflows(f'WorkflowId = "{sid}"'):
@@ -80,23 +99,27 @@ async def main(specs: int, direct_n: int) -> None:
             async with build_worker(client, task_queue="bench", registry=registry,
                                     endpoint=endpoint, settings=settings):
                 rc = RelayClient(client, settings, registry)
-                per_turn = []
+                per_turn, per_turn_no_git = [], []
                 for i in range(specs + 2):
-                    sid = await rc.run("Write a greeting module", spec_id=f"bench-{uuid.uuid4().hex[:8]}")
+                    sid = await rc.run("Write a greeting module [no-tools]", auto_approve=True,
+                                       spec_id=f"bench-{uuid.uuid4().hex[:8]}")
                     await wait_for_questions(rc, sid)
-                    started = time.perf_counter()
+                    started, wall = time.perf_counter(), time.time()
                     await rc.answer(sid, ANSWERS)
                     await rc.result(sid)
+                    elapsed = (time.perf_counter() - started) * 1000
                     if i >= 2:  # the first specs warm up the worker's caches
-                        per_turn.append((time.perf_counter() - started) * 1000 / TURNS_AFTER_ANSWER)
+                        per_turn.append(elapsed / TURNS_AFTER_ANSWER)
+                        git = await effect_ms(client, sid, wall)
+                        per_turn_no_git.append((elapsed - git) / TURNS_AFTER_ANSWER)
 
                 sid = f"bench-iter-{uuid.uuid4().hex[:8]}"
-                await rc.run("Write a greeting module", spec_id=sid)
+                await rc.run("Write a greeting module", spec_id=sid, auto_approve=True)
                 await wait_for_questions(rc, sid)
                 await rc.answer(sid, ANSWERS)
                 await rc.result(sid)
                 for n in range(2, 8):
-                    await rc.iterate(sid, f"Change {n}")
+                    await rc.iterate(sid, f"Change {n}", auto_approve=True)
                     await rc.result(sid)
                 sizes = await history_bytes(client, sid)
     finally:
@@ -104,11 +127,14 @@ async def main(specs: int, direct_n: int) -> None:
 
     d_med, d_p95 = statistics.median(direct), pct(direct, 0.95)
     r_med, r_p95 = statistics.median(per_turn), pct(per_turn, 0.95)
+    n_med, n_p95 = statistics.median(per_turn_no_git), pct(per_turn_no_git, 0.95)
     print(f"direct anthropic call   : median {d_med:6.2f} ms  p95 {d_p95:6.2f} ms  (n={len(direct)})")
     print(f"agent turn through relay: median {r_med:6.2f} ms  p95 {r_p95:6.2f} ms  "
           f"(n={len(per_turn)} specs x {TURNS_AFTER_ANSWER} turns)")
     print(f"overhead per turn       : median {r_med - d_med:6.2f} ms  p95 {r_p95 - d_p95:6.2f} ms  "
           f"ratio {r_med / d_med:.1f}x")
+    print(f"without the git effects : median {n_med:6.2f} ms  p95 {n_p95:6.2f} ms  "
+          f"overhead {n_med - d_med:6.2f} ms  ratio {n_med / d_med:.1f}x")
     print(f"7-iteration spec history: {len(sizes)} runs, largest {max(s for s, _ in sizes):,} bytes "
           f"({max(e for _, e in sizes)} events), total {sum(s for s, _ in sizes):,} bytes")
 

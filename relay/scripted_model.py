@@ -377,14 +377,14 @@ class ScriptedModel:
         messages = [m for m in body.get("messages") or [] if isinstance(m, dict)]
         tools = _workspace_tools(body)
         calls = None
+        original = next((t for t in (_said(m.get("content")) for m in messages
+                                     if m.get("role") == "user") if t), "")
         if tools:
-            original = next((t for t in (_said(m.get("content")) for m in messages
-                                         if m.get("role") == "user") if t), "")
             calls = scripted_workspace.next_calls(role, messages, original, tools)
         if calls is None:
             output = role_output(role, messages)
             if tools:
-                output = scripted_workspace.final_output(role, messages, output)
+                output = scripted_workspace.final_output(role, messages, output, original)
             calls = [(OUTPUT_TOOLS[role], output)]
         self._record(role, body, 200, kind, auth)
         return 200, self._message(body, calls), {}

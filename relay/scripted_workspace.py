@@ -3,7 +3,7 @@
 Offered workspace tools, the constructor looks around, writes a small Python
 module with unittest tests, and submits; the validator runs the checks and
 judges by their exit code. Request markers steer it for demos and tests:
-[buggy-first] (the first module fails its test), [escape] (the constructor
+[no-tools] (answer at once), [buggy-first] (the first module fails its test), [escape] (the constructor
 first tries paths outside the workspace), [overreach] (the auditor tries a
 tool it is not allowed), [loop-forever] (the constructor never submits).
 """
@@ -15,6 +15,7 @@ from typing import Any
 from relay.models import OUTPUT_TOOLS, Role
 
 BUGGY_FIRST, ESCAPE, OVERREACH, LOOP_FOREVER = "[buggy-first]", "[escape]", "[overreach]", "[loop-forever]"
+NO_TOOLS = "[no-tools]"  # answer at once, as without a workspace (for overhead measurements)
 DEFAULT_CHECK = "python -m unittest"
 
 GREETING = '''"""Greetings in a few languages (written by relay's scripted model)."""
@@ -72,6 +73,8 @@ def _last_results(messages: list[dict]) -> str:
 
 def next_calls(role: Role, messages: list[dict], original: str, tools: set[str]) -> list[Call] | None:
     """The tool calls to make now, or None when it is time to submit the result."""
+    if NO_TOOLS in original:
+        return None
     turn = _turn_messages(messages)
     step = sum(1 for m in turn if m.get("role") == "assistant")
     submitted = sum(1 for m in messages if m.get("role") == "assistant" and any(
@@ -115,8 +118,10 @@ def validation(messages: list[dict]) -> dict:
     return {"approved": False, "failures": ["The checks failed: " + " | ".join(tail)]}
 
 
-def final_output(role: Role, messages: list[dict], scripted: dict) -> dict:
+def final_output(role: Role, messages: list[dict], scripted: dict, original: str = "") -> dict:
     """The result to submit once the tools are done; a scripted rejection still stands."""
+    if NO_TOOLS in original:
+        return scripted
     if role == Role.constructor:
         return change_summary(messages)
     if role == Role.validator and scripted.get("approved"):
