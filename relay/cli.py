@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
+from sqlalchemy.exc import SQLAlchemyError
 from rich.console import Console
 from rich.prompt import Confirm, Prompt
 from rich.text import Text
@@ -155,6 +156,8 @@ def worker(address: Address = None,
             await run_worker(settings, stop)
         except TemporalUnreachable as exc:
             raise RelayError(str(exc)) from None
+        except (SQLAlchemyError, ModuleNotFoundError) as exc:
+            raise RelayError(f"cannot open the relay registry: {getattr(exc, 'orig', None) or exc}") from None
 
     run_async(serve())
 
@@ -313,15 +316,8 @@ def compensate(spec_id: str, address: Address = None) -> None:
 @app.command()
 def effects(spec_id: str, as_json: AsJson = False) -> None:
     """The spec's effects ledger: every side effect, its key, status and result."""
-    try:
-        rows = _registry_client().effects(spec_id)
-    except RelayError as exc:
-        fail(exc)
-        raise typer.Exit(1) from None
-    if as_json:
-        out.print_json(json.dumps([r.model_dump(mode="json") for r in rows]))
-    else:
-        view.print_effects(out, rows)
+    rows = _registry_read(lambda rc: rc.effects(spec_id))
+    _show_rows(rows, as_json, lambda: view.print_effects(out, rows))
 
 
 @app.command()
@@ -367,36 +363,37 @@ def cancel(spec_id: str, address: Address = None) -> None:
     run_async(go())
 
 
-def _registry_client() -> RelayClient:
-    return RelayClient(None, settings_for())  # type: ignore[arg-type]  # registry reads only
+def _registry_read(read: Any) -> Any:
+    """Run a registry-only read (no Temporal needed); a RelayError ends the command."""
+    try:
+        return read(RelayClient(None, settings_for()))  # type: ignore[arg-type]
+    except RelayError as exc:
+        fail(exc)
+        raise typer.Exit(1) from None
+    except SQLAlchemyError as exc:  # the database went away mid-read
+        fail(f"the relay registry failed: {getattr(exc, 'orig', None) or exc}")
+        raise typer.Exit(1) from None
+
+
+def _show_rows(rows: list[Any], as_json: bool, table: Any) -> None:
+    if as_json:
+        out.print_json(json.dumps([r.model_dump(mode="json") for r in rows]))
+    else:
+        table()
 
 
 @app.command()
 def sessions(spec_id: str, as_json: AsJson = False) -> None:
     """The agents' sessions of a spec (the handshake registry)."""
-    try:
-        rows = _registry_client().sessions(spec_id)
-    except RelayError as exc:
-        fail(exc)
-        raise typer.Exit(1) from None
-    if as_json:
-        out.print_json(json.dumps([r.model_dump(mode="json") for r in rows]))
-    else:
-        view.print_sessions(out, rows)
+    rows = _registry_read(lambda rc: rc.sessions(spec_id))
+    _show_rows(rows, as_json, lambda: view.print_sessions(out, rows))
 
 
 @app.command()
 def history(spec_id: str, role: str, as_json: AsJson = False) -> None:
     """One agent's whole conversation for a spec."""
-    try:
-        session, messages = _registry_client().history(spec_id, role)
-    except RelayError as exc:
-        fail(exc)
-        raise typer.Exit(1) from None
-    if as_json:
-        out.print_json(json.dumps([m.model_dump(mode="json") for m in messages]))
-    else:
-        view.print_history(out, session, messages)
+    session, messages = _registry_read(lambda rc: rc.history(spec_id, role))
+    _show_rows(messages, as_json, lambda: view.print_history(out, session, messages))
 
 
 # --- following and answering ---------------------------------------------------------------

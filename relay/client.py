@@ -16,6 +16,8 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import SQLAlchemyError
 from temporalio.client import (
     Client,
     WorkflowExecutionStatus as ExecStatus,
@@ -73,6 +75,10 @@ class TemporalUnreachable(RelayError):
 
 
 class SpecFailed(RelayError):
+    pass
+
+
+class RegistryUnavailable(RelayError):
     pass
 
 
@@ -138,7 +144,19 @@ class RelayClient:
     @property
     def registry(self) -> Registry:
         if self._registry is None:
-            self._registry = Registry.from_url(self.settings.registry_url())
+            url = self.settings.registry_url()
+            safe = make_url(url).render_as_string(hide_password=True)
+            if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).exists():
+                raise RegistryUnavailable(f"no relay registry at {safe} (set RELAY_DATA_DIR or "
+                                          "RELAY_DATABASE_URL to the one your workers use)")
+            try:
+                self._registry = Registry.from_url(url)
+            except SQLAlchemyError as exc:
+                raise RegistryUnavailable(f"cannot open the relay registry at {safe}: "
+                                          f"{_one_line(str(getattr(exc, 'orig', None) or exc))}") from None
+            except ModuleNotFoundError as exc:
+                raise RegistryUnavailable(f"the driver for {safe} is not installed ({exc.name}); "
+                                          "for PostgreSQL install relay[postgres]") from None
         return self._registry
 
     def _handle(self, spec_id: str, run_id: str | None = None) -> WorkflowHandle[Any, PipelineResult]:

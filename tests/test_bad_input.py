@@ -27,7 +27,9 @@ from relay.scripted_model import Fault
 from worker.devserver import free_port
 from worker.main import SCRIPTED_MODEL, ModelEndpoint, build_worker
 
-from tests.conftest import approve_when_asked, ANSWERS, run_spec, spec_id, wait_for, wait_for_questions
+from tests.conftest import (
+    ANSWERS, RELAY_CMD, approve_when_asked, cli_env, run_spec, spec_id, wait_for, wait_for_questions,
+)
 from tests.test_cli import cancel_and_wait, cli, ok, temporal_cli
 
 FAST = 20.0  # seconds: every bad input is answered well within this
@@ -502,3 +504,24 @@ async def test_long_errors_stay_on_one_line(relay, settings):
 async def test_errors_echo_user_text_verbatim(relay, settings, args, expected):
     """An error that quotes what the user typed shows it as typed, whatever brackets it holds."""
     assert cli_error(await cli(settings, *args)) == expected
+
+
+# --- the registry cannot be opened ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("url, expected", [
+    ("sqlite:////nonexistent-dir/registry.db", "no relay registry at sqlite:////nonexistent-dir"),
+    ("postgresql+psycopg://relay:s3cret@127.0.0.1:1/relay",
+     "(the driver for|cannot open the relay registry at) postgresql\\+psycopg://relay:\\*\\*\\*@"),
+])
+async def test_an_unreachable_registry_is_one_clear_line(settings, url, expected):
+    """Registry reads with a wrong or unreachable database say so, without the password."""
+    for command in (["sessions", "x"], ["effects", "x"], ["history", "x", "planner"]):
+        proc = await asyncio.create_subprocess_exec(
+            *RELAY_CMD, *command, env=cli_env(settings) | {"RELAY_DATABASE_URL": url},
+            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE)
+        _, err = await proc.communicate()
+        text = err.decode()
+        assert proc.returncode == 1 and "Traceback" not in text, text
+        assert re.search(expected, text) and "s3cret" not in text, text
