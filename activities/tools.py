@@ -201,7 +201,8 @@ class ToolBox:
         command = self.workspace.check
         if not command:
             return ToolOutcome("no check command is configured for this workspace")
-        env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        env = {**check_environment(),
+               "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
                "PYTHONDONTWRITEBYTECODE": "1"}
         proc = subprocess.Popen(command, shell=True, cwd=self.workspace.worktree, env=env,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -214,6 +215,16 @@ class ToolBox:
             return ToolOutcome(f"$ {command}\ntimed out after {self.check_timeout_s:g}s\n"
                                + _tail(out), is_error=True)
         return ToolOutcome(f"$ {command}\nexit code: {proc.returncode}\n" + _tail(out))
+
+
+_SECRET_NAMES = ("KEY", "TOKEN", "SECRET", "PASSWORD", "CREDENTIAL")
+
+
+def check_environment() -> dict[str, str]:
+    """The worker's environment minus its secrets: checks run code the model wrote."""
+    return {name: value for name, value in os.environ.items()
+            if not name.startswith(("ANTHROPIC_", "RELAY_"))
+            and not any(word in name.upper() for word in _SECRET_NAMES)}
 
 
 def _tail(raw: bytes) -> str:

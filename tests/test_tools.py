@@ -95,6 +95,24 @@ class TestAllowlists:
         outcome = toolbox(worktree, registry, Role.validator).run("run_checks", {}, "c0")
         assert "exit code: 0" in outcome.text and "42" in outcome.text
 
+    def test_checks_never_see_the_workers_secrets(self, worktree, registry, monkeypatch):
+        """Checks run code the model wrote: API keys and database URLs are not in their env."""
+        monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-secret-for-test")
+        monkeypatch.setenv("RELAY_DATABASE_URL", "postgresql://relay:pw@db/relay")
+        monkeypatch.setenv("GITHUB_TOKEN", "ghp_secret")
+        box = toolbox(worktree, registry, Role.validator)
+        box.workspace.check = "env"
+        text = box.run("run_checks", {}, "c0").text
+        assert "exit code: 0" in text and "PATH=" in text
+        for secret in ("sk-ant-secret-for-test", "postgresql://relay:pw", "ghp_secret"):
+            assert secret not in text
+
+    def test_a_check_that_hangs_is_stopped_at_its_timeout(self, worktree, registry):
+        box = toolbox(worktree, registry, Role.validator)
+        box.workspace.check, box.check_timeout_s = "sleep 30", 0.5
+        outcome = box.run("run_checks", {}, "c0")
+        assert outcome.is_error and "timed out after 0.5s" in outcome.text
+
 
 class TestIdempotencyKeys:
     def test_same_step_with_another_payload_is_refused(self, worktree, registry):
