@@ -222,20 +222,23 @@ class Registry:
                    turn: int) -> tuple[AgentSession, bool, list[SessionMessage]]:
         """Everything an agent turn needs, in one transaction: its session (found or created),
         the session's whole history, and the session marked running unless the turn is recorded."""
-        session, created = self.resolve_session(spec_id, role)
-        with Session(self.engine, expire_on_commit=False) as db:
-            history = list(db.exec(
-                select(SessionMessage).where(SessionMessage.session_id == session.id)
-                .order_by(SessionMessage.seq)  # type: ignore[arg-type]
-            ).all())
-            if not any(m.turn == turn for m in history) and session.status != "running":
-                row = db.get(AgentSession, session.id)
-                assert row is not None
-                row.status, row.updated_at = "running", utcnow()
-                db.add(row)
-                db.commit()
-                session = row
-        return session, created, history
+        created = False
+        for _ in range(2):
+            with Session(self.engine, expire_on_commit=False) as db:
+                session = db.exec(select(AgentSession).where(
+                    AgentSession.spec_id == spec_id, AgentSession.role == Role(role).value)).first()
+                if session is not None:
+                    history = list(db.exec(
+                        select(SessionMessage).where(SessionMessage.session_id == session.id)
+                        .order_by(SessionMessage.seq)  # type: ignore[arg-type]
+                    ).all())
+                    if not any(m.turn == turn for m in history) and session.status != "running":
+                        session.status, session.updated_at = "running", utcnow()
+                        db.add(session)
+                        db.commit()
+                    return session, created, history
+            _, created = self.resolve_session(spec_id, role)  # scenario A: create, then read it
+        raise RuntimeError(f"session of {spec_id}/{Role(role).value} vanished")
 
     def sessions(self, spec_id: str) -> list[AgentSession]:
         order = {r.value: i for i, r in enumerate(ROLES)}
