@@ -8,7 +8,9 @@ import structlog
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
-from relay.models import ROLES, OpenSpecInput, OpenSpecResult, SessionRef, SessionStateInput
+from relay.models import (
+    ROLES, OpenSpecInput, OpenSpecResult, SessionRef, SessionStateInput, WorkspaceInput,
+)
 from relay.registry import Registry, SpecConflict
 
 
@@ -24,7 +26,8 @@ class RegistryActivities:
         """Record the run (iteration number, idempotent per run id) and resolve all five sessions."""
         try:
             spec = await asyncio.to_thread(
-                self.registry.open_spec, inp.spec_id, inp.run_id, inp.request, inp.iterate)
+                self.registry.open_spec, inp.spec_id, inp.run_id, inp.request, inp.iterate,
+                inp.workspace.model_dump() if inp.workspace else None)
         except SpecConflict as exc:
             raise ApplicationError(str(exc), type="SpecConflict", non_retryable=True) from None
         refs = []
@@ -33,7 +36,9 @@ class RegistryActivities:
             refs.append(SessionRef(role=role, session_id=session.id, name=session.name,
                                    state=session.status, turns=session.turns))
         return OpenSpecResult(spec_id=spec.spec_id, iteration=spec.iteration,
-                              original_request=spec.request, sessions=refs)
+                              original_request=spec.request, sessions=refs,
+                              workspace=WorkspaceInput.model_validate(spec.workspace)
+                              if spec.workspace else None)
 
     @activity.defn(name="set_session_states")
     async def set_session_states(self, inp: SessionStateInput) -> None:

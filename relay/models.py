@@ -223,6 +223,7 @@ class OpenSpecInput(BaseModel):
     run_id: str
     request: str
     iterate: bool = False
+    workspace: WorkspaceInput | None = None
 
 
 class OpenSpecResult(BaseModel):
@@ -230,6 +231,8 @@ class OpenSpecResult(BaseModel):
     iteration: int
     original_request: str
     sessions: list[SessionRef]
+    workspace: WorkspaceInput | None = Field(
+        default=None, description="The spec's workspace: an iteration without a path reuses it")
 
 
 # Kinds of user turn; each has a template file per role under relay/prompts/.

@@ -38,6 +38,7 @@ class SpecRecord(SQLModel, table=True):
     last_run_id: str
     status: str = "running"
     outcome: str | None = None
+    workspace: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
     created_at: datetime = Field(default_factory=utcnow)
     updated_at: datetime = Field(default_factory=utcnow)
 
@@ -139,8 +140,10 @@ class Registry:
 
     # --- specs ------------------------------------------------------------------
 
-    def open_spec(self, spec_id: str, run_id: str, request: str, iterate: bool) -> SpecRecord:
-        """Record the start of a run; idempotent per run id."""
+    def open_spec(self, spec_id: str, run_id: str, request: str, iterate: bool,
+                  workspace: dict[str, Any] | None = None) -> SpecRecord:
+        """Record the start of a run; idempotent per run id. A run naming a workspace path
+        makes it the spec's workspace; one that names none keeps the spec's."""
         with Session(self.engine) as db:
             spec = db.get(SpecRecord, spec_id)
             if spec is not None and spec.last_run_id == run_id:
@@ -148,7 +151,8 @@ class Registry:
             if spec is None:
                 if iterate:
                     raise SpecConflict(f"unknown spec {spec_id!r}: nothing to iterate")
-                spec = SpecRecord(spec_id=spec_id, request=request, last_run_id=run_id)
+                spec = SpecRecord(spec_id=spec_id, request=request, last_run_id=run_id,
+                                  workspace=workspace)
             else:
                 if not iterate:
                     raise SpecConflict(
@@ -157,6 +161,8 @@ class Registry:
                     )
                 spec.iteration += 1
                 spec.last_run_id = run_id
+                if workspace and (workspace.get("path") or not spec.workspace):
+                    spec.workspace = workspace
                 spec.status = "running"
                 spec.outcome = None
                 spec.updated_at = utcnow()

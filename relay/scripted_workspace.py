@@ -103,9 +103,11 @@ def _constructor(step: int, submitted: int, original: str) -> list[Call] | None:
         plan += [[("list_files", {"path": "."})],
                  [("write_file", {"path": "greeting.py", "content": GREETING % spanish}),
                   ("write_file", {"path": "test_greeting.py", "content": TESTS})]]
-    else:
+    else:  # a fix or a later iteration: repair the module and note the change
         plan += [[("read_file", {"path": "greeting.py"})],
-                 [("write_file", {"path": "greeting.py", "content": GREETING % "Hola"})]]
+                 [("write_file", {"path": "greeting.py", "content": GREETING % "Hola"}),
+                  ("write_file", {"path": f"changes/{submitted + 1}.md",
+                                  "content": f"Change {submitted + 1} (scripted model)\n"})]]
     return plan[step] if step < len(plan) else None
 
 

@@ -202,3 +202,24 @@ class TestBadWorkspaces:
         with pytest.raises(WorkflowFailureError) as failure:
             await handle.result()
         assert "is not a git repository" in str(failure.value.cause)
+
+
+class TestIterations:
+    async def test_an_iteration_works_on_the_specs_own_repository(self, relay, user_repo):
+        """`relay iterate` without --workspace continues in the repository the spec started in,
+        also after an iteration that was rejected and rolled back."""
+        sid = await start(relay, "Write a greeting module", user_repo)
+        assert (await approve_when_asked(relay, sid)).outcome == "delivered"
+        first = git(user_repo, "rev-parse", "main")
+
+        await relay.iterate(sid, "Greet in Italian too")
+        await waiting_for_approval(relay, sid)
+        await relay.reject(sid, "not yet")
+        assert (await relay.result(sid)).outcome == "rejected"
+        assert git(user_repo, "rev-parse", "main") == first
+
+        await relay.iterate(sid, "Greet in Italian too, again", auto_approve=True)
+        result = await relay.result(sid)
+        assert result.outcome == "delivered" and result.iteration == 3
+        assert git(user_repo, "rev-parse", "main") != first
+        assert git(user_repo, "branch", "--format=%(refname:short)") == "main"

@@ -26,7 +26,8 @@ with workflow.unsafe.imports_passed_through():
         AnswerInput, ApprovalInput, Audit, Change, Clarification, Decision,
         EffectInput, EffectRef, EffectResult, OpenSpecInput, OpenSpecResult,
         PendingQuestions, Phase, PipelineResult, Plan, PrepareWorkspaceInput,
-        Question, RejectInput, Role, SessionStateInput, SpecInput, Status, Validation, WorkspaceRef,
+        Question, RejectInput, Role, SessionStateInput, SpecInput, Status, Validation, WorkspaceInput,
+        WorkspaceRef,
     )
     from workflows import render, saga
     from workflows.saga import BOOKKEEPING
@@ -65,7 +66,7 @@ class SpecPipeline:
             self._check_request(inp.request)
             opened = await self._open(inp)
             if workspaces:
-                await self._prepare_workspace(inp)
+                await self._prepare_workspace(inp, opened.workspace or inp.workspace)
             spec = await self._clarify(inp, opened)
             plan, plan_ok = await self._plan_and_audit(spec)
             change = validation = None
@@ -117,7 +118,8 @@ class SpecPipeline:
         try:
             opened = await workflow.execute_activity(
                 "open_spec", OpenSpecInput(spec_id=info.workflow_id, run_id=info.run_id,
-                                           request=inp.request, iterate=inp.iterate),
+                                           request=inp.request, iterate=inp.iterate,
+                                           workspace=inp.workspace),
                 result_type=OpenSpecResult, summary="open spec in registry", **BOOKKEEPING)
         except ActivityError as err:
             raise SpecFailed(_reason(err)) from None
@@ -257,13 +259,13 @@ class SpecPipeline:
 
     # --- the workspace and its side effects (a saga) --------------------------------------
 
-    async def _prepare_workspace(self, inp: SpecInput) -> None:
+    async def _prepare_workspace(self, inp: SpecInput, workspace: WorkspaceInput) -> None:
         self._effects_begun = True
         try:
             self._status.workspace = await workflow.execute_activity(
                 "prepare_workspace",
                 PrepareWorkspaceInput(spec_id=self._status.spec_id, iteration=self._status.iteration,
-                                      workspace=inp.workspace),
+                                      workspace=workspace),
                 result_type=WorkspaceRef, summary="prepare branch and worktree",
                 **self._effect_options())
             for index, hook in enumerate(h for h in inp.hooks if h.at == "prepare"):
