@@ -20,7 +20,7 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from activities.effects import EffectExecutor
-from activities.heartbeat import with_heartbeat
+from activities.heartbeat import finish_first, with_heartbeat
 from activities.model_errors import to_temporal_error
 from activities.tools import ToolBox, ToolRefused, tool_definitions
 from relay import prompts
@@ -238,8 +238,8 @@ class AgentTurnActivities:
 
     async def _run_tool(self, toolbox: ToolBox, call: dict[str, Any], step: int,
                         index: int) -> dict[str, Any]:
-        outcome = await asyncio.to_thread(toolbox.run, call.get("name", ""), call.get("input"),
-                                          f"x{step}/c{index}")
+        outcome = await finish_first(asyncio.to_thread(
+            toolbox.run, call.get("name", ""), call.get("input"), f"x{step}/c{index}"))
         log.info("agent_turn.tool", tool=call.get("name"), error=outcome.is_error)
         block: dict[str, Any] = {"type": "tool_result", "tool_use_id": call["id"],
                                  "content": outcome.text}

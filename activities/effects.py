@@ -14,10 +14,10 @@ from pathlib import Path
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
-from activities.heartbeat import with_heartbeat
-from relay.effects import EffectContext, EffectRegistry, UnknownEffect
+from activities.heartbeat import finish_first, with_heartbeat
+from relay.effects import EffectContext, EffectFailed, EffectRegistry, UnknownEffect
 from relay.failpoints import Failpoints
-from relay.ledger import COMPENSATED, DONE, FAILED, NEEDS_HUMAN, EffectConflict, EffectRecord, Ledger
+from relay.ledger import COMPENSATED, DONE, FAILED, NEEDS_HUMAN, STARTED, EffectConflict, EffectRecord, Ledger
 from relay.models import (
     CompensateInput, EffectInput, EffectRef, EffectResult, NeedsHumanInput, PendingCompensationsInput,
 )
@@ -59,10 +59,12 @@ class EffectExecutor:
         try:
             result = definition.act(ctx, payload)
         except Exception as exc:
-            self.ledger.update(row.key, status=FAILED, error=" ".join(str(exc).split())[:500])
+            self.ledger.update(row.key, only_from=(STARTED, FAILED), status=FAILED,
+                               error=" ".join(str(exc).split())[:500])
             raise
         self.failpoints.hit("effect.after_act", effect)
-        row = self.ledger.update(row.key, status=DONE, result=result, error=None)
+        row = self.ledger.update(row.key, only_from=(STARTED, FAILED), status=DONE, result=result,
+                                 error=None)
         self.failpoints.hit("effect.after_ledger", effect)
         return row, False
 
@@ -94,16 +96,20 @@ class EffectActivities:
     async def run_effect(self, inp: EffectInput) -> EffectResult:
         info = activity.info()
         try:
-            row, replayed = await with_heartbeat(asyncio.to_thread(
+            row, replayed = await with_heartbeat(finish_first(asyncio.to_thread(
                 self.executor.execute, spec_id=inp.spec_id, run_id=info.workflow_run_id,
                 step=inp.step, effect=inp.effect, payload=inp.payload, key=inp.key,
-                reversible_only=inp.reversible_only))
+                reversible_only=inp.reversible_only)))
         except EffectConflict as exc:
             raise _non_retryable(exc, "EffectConflict") from None
         except UnknownEffect as exc:
             raise _non_retryable(exc, "UnknownEffect") from None
+        except EffectFailed as exc:
+            if not exc.retryable or (inp.max_attempts and info.attempt >= inp.max_attempts):
+                raise _non_retryable(exc, "EffectFailed") from None
+            raise ApplicationError(" ".join(str(exc).split())[:500], type="EffectFailed") from None
         except Exception as exc:
-            if info.attempt >= inp.max_attempts:
+            if inp.max_attempts and info.attempt >= inp.max_attempts:
                 raise _non_retryable(exc, "EffectFailed") from None
             raise ApplicationError(" ".join(str(exc).split())[:500], type="EffectFailed") from None
         return EffectResult(key=row.key, effect=row.effect, status=row.status,
@@ -117,7 +123,8 @@ class EffectActivities:
     @activity.defn(name="compensate_effect")
     async def compensate_effect(self, inp: CompensateInput) -> EffectRef:
         try:
-            return effect_ref(await with_heartbeat(asyncio.to_thread(self.executor.compensate, inp.key)))
+            return effect_ref(await with_heartbeat(finish_first(asyncio.to_thread(
+                self.executor.compensate, inp.key))))
         except Exception as exc:
             await asyncio.to_thread(self.executor.ledger.update, inp.key,
                                     error=" ".join(str(exc).split())[:500])

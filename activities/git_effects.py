@@ -13,15 +13,39 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from relay.effects import EffectContext, EffectRegistry, Payload
+from relay.effects import EffectContext, EffectFailed, EffectRegistry, Payload
 
 git_effects = EffectRegistry()
 
 IDENTITY = ["-c", "user.name=relay", "-c", "user.email=relay@localhost", "-c", "commit.gpgsign=false"]
 
 
-class GitError(Exception):
-    """A git command failed; its message is git's own, on one line."""
+class GitError(EffectFailed):
+    """A git command failed; its message is git's own, on one line. Retrying will not help."""
+
+    retryable = False
+
+
+def inside(worktree: str, relative: str, *, follow: bool = True) -> Path:
+    """The file `relative` of the worktree, refusing anything that resolves outside it (the
+    checks run model-written code, which may have planted a symlink since the tool checked).
+    With follow=False a symlink itself is the file (to delete the link, not its target)."""
+    root = Path(worktree).resolve()
+    target = root / relative
+    resolved = target.parent.resolve() / target.name
+    if follow and resolved.is_symlink():
+        resolved = resolved.resolve()
+    if root != resolved.parent and root not in resolved.parent.parents:
+        raise GitError(f"{relative} leads outside the worktree {worktree}; not touching it")
+    return resolved
+
+
+def owned_worktree(ctx: EffectContext, worktree: str) -> Path:
+    """A worktree relay may delete: directly under <data dir>/worktrees, nowhere else."""
+    path = Path(worktree).resolve()
+    if path.parent != (ctx.data_dir / "worktrees").resolve():
+        raise GitError(f"refusing to remove {worktree}: not a relay worktree under {ctx.data_dir}")
+    return path
 
 
 def git(*args: str, cwd: str | Path, check: bool = True) -> str:
@@ -60,6 +84,7 @@ def check_repository(repo: str, target: str) -> None:
 @git_effects.effect("git.prepare_workspace", reversible=True)
 def prepare_workspace(ctx: EffectContext, p: Payload) -> Payload:
     repo, target, branch, worktree = p["repo"], p["target"], p["branch"], p["worktree"]
+    owned_worktree(ctx, worktree)
     if p.get("create") and not (Path(repo) / ".git").exists():
         Path(repo).mkdir(parents=True, exist_ok=True)
         git("init", "-q", "-b", target, cwd=repo)
@@ -67,11 +92,17 @@ def prepare_workspace(ctx: EffectContext, p: Payload) -> Payload:
         git("add", "README.md", cwd=repo)
         git("commit", "-q", "-m", "Initial commit (relay workspace)", cwd=repo)
     check_repository(repo, target)
-    if not ref_exists(repo, f"refs/heads/{branch}"):
-        git("branch", branch, target, cwd=repo)
-    if not is_worktree(repo, worktree):
+    # The branch always starts from the target: a retry of this step has made no commits yet,
+    # and a branch left by an earlier run that was not rolled back must not leak into this one.
+    if is_worktree(repo, worktree):
+        git("checkout", "-q", "-B", branch, target, cwd=worktree)
+        git("reset", "-q", "--hard", target, cwd=worktree)
+        git("clean", "-q", "-fdx", cwd=worktree)
+    else:
         if Path(worktree).exists():
             shutil.rmtree(worktree)
+        git("worktree", "prune", cwd=repo)
+        git("branch", "-f", branch, target, cwd=repo)
         Path(worktree).parent.mkdir(parents=True, exist_ok=True)
         git("worktree", "add", "-q", worktree, branch, cwd=repo)
     return {"base": git("rev-parse", target, cwd=repo), "worktree": worktree}
@@ -80,6 +111,7 @@ def prepare_workspace(ctx: EffectContext, p: Payload) -> Payload:
 @prepare_workspace.compensation
 def remove_workspace(ctx: EffectContext, p: Payload, undo: Payload | None, result: Payload | None) -> None:
     repo, branch, worktree = p["repo"], p["branch"], p["worktree"]
+    owned_worktree(ctx, worktree)
     if not Path(repo).exists():
         return
     if is_worktree(repo, worktree):
@@ -112,7 +144,9 @@ def _restore(path: Path, undo: Payload | None) -> None:
 
 @git_effects.effect("git.write_file", reversible=True)
 def write_file(ctx: EffectContext, p: Payload) -> Payload:
-    path = Path(p["worktree"]) / p["path"]
+    if not Path(p["worktree"]).is_dir():
+        raise GitError(f"the worktree {p['worktree']} is gone")
+    path = inside(p["worktree"], p["path"])
     path.parent.mkdir(parents=True, exist_ok=True)
     data = p["content"].encode("utf-8")
     path.write_bytes(data)
@@ -121,19 +155,19 @@ def write_file(ctx: EffectContext, p: Payload) -> Payload:
 
 @write_file.snapshot
 def _before_write(ctx: EffectContext, p: Payload) -> Payload:
-    return _read(Path(p["worktree"]) / p["path"])
+    return _read(inside(p["worktree"], p["path"]))
 
 
 @write_file.compensation
 def _undo_write(ctx: EffectContext, p: Payload, undo: Payload | None, result: Payload | None) -> None:
     if Path(p["worktree"]).is_dir():
-        _restore(Path(p["worktree"]) / p["path"], undo)
+        _restore(inside(p["worktree"], p["path"]), undo)
 
 
 @git_effects.effect("git.delete_file", reversible=True)
 def delete_file(ctx: EffectContext, p: Payload) -> Payload:
-    path = Path(p["worktree"]) / p["path"]
-    existed = path.is_file()
+    path = inside(p["worktree"], p["path"], follow=False)
+    existed = path.is_file() or path.is_symlink()
     if existed:
         path.unlink()
     return {"deleted": existed}
@@ -141,13 +175,22 @@ def delete_file(ctx: EffectContext, p: Payload) -> Payload:
 
 @delete_file.snapshot
 def _before_delete(ctx: EffectContext, p: Payload) -> Payload:
-    return _read(Path(p["worktree"]) / p["path"])
+    path = inside(p["worktree"], p["path"], follow=False)
+    if path.is_symlink():
+        return {"existed": True, "symlink": os.readlink(path)}
+    return _read(path)
 
 
 @delete_file.compensation
 def _undo_delete(ctx: EffectContext, p: Payload, undo: Payload | None, result: Payload | None) -> None:
-    if Path(p["worktree"]).is_dir():
-        _restore(Path(p["worktree"]) / p["path"], undo)
+    if not Path(p["worktree"]).is_dir():
+        return
+    path = inside(p["worktree"], p["path"], follow=False)
+    if undo and "symlink" in undo:
+        if not path.is_symlink():
+            path.symlink_to(undo["symlink"])
+        return
+    _restore(path, undo)
 
 
 # --- commits ----------------------------------------------------------------------------
@@ -166,12 +209,23 @@ def commit(ctx: EffectContext, p: Payload) -> Payload:
     if existing := _commit_with_trailer(worktree, branch, ctx.key):
         return {"commit": existing, "parent": git("rev-parse", f"{existing}^", cwd=worktree)}
     parent = git("rev-parse", "HEAD", cwd=worktree)
-    if p["paths"]:
-        git("add", "-A", "--", *p["paths"], cwd=worktree)
+    paths = [path for path in p["paths"] if _stageable(worktree, path)]
+    if paths:  # literal: a file named ':(exclude)x' is a file, not a pathspec
+        git("--literal-pathspecs", "add", "-A", "-f", "--", *paths, cwd=worktree)
     if subprocess.run(["git", "diff", "--cached", "--quiet"], cwd=worktree).returncode == 0:
         return {"commit": None, "parent": parent}
-    git("commit", "-q", "-m", f"{p['message']}\n\nRelay-Effect: {ctx.key}", cwd=worktree)
+    git("commit", "-q", "--no-verify", "-m", f"{p['message']}\n\nRelay-Effect: {ctx.key}",
+        cwd=worktree)
     return {"commit": git("rev-parse", "HEAD", cwd=worktree), "parent": parent}
+
+
+def _stageable(worktree: str, path: str) -> bool:
+    """A path to stage: present now, or tracked (so its deletion is staged)."""
+    full = Path(worktree) / path
+    if full.exists() or full.is_symlink():
+        return True
+    return subprocess.run(["git", "--literal-pathspecs", "ls-files", "--error-unmatch", "--", path],
+                          cwd=worktree, capture_output=True).returncode == 0
 
 
 @commit.compensation
@@ -206,17 +260,31 @@ def deliver(ctx: EffectContext, p: Payload) -> Payload:
         return {"target": target, "commit": git("rev-parse", target, cwd=repo), "merged": head}
     message = f"relay: deliver {ctx.spec_id}"
     checked_out = git("symbolic-ref", "--quiet", "--short", "HEAD", cwd=repo, check=False)
-    if checked_out == target:
+    if checked_out == target:  # the user's checkout moves with the merge: it must be clean
+        merge_head = Path(repo) / git("rev-parse", "--git-path", "MERGE_HEAD", cwd=repo)
+        if merge_head.exists():
+            raise GitError(f"a merge is in progress in {repo}; finish or abort it first")
+        if git("status", "--porcelain", "--untracked-files=no", cwd=repo):
+            raise GitError(f"the checkout {repo} has uncommitted changes on {target}; commit or "
+                           "stash them first")
         try:
-            git("merge", "--no-ff", "-q", "-m", message, branch, cwd=repo)
+            git("merge", "--no-ff", "--no-verify", "-q", "-m", message, branch, cwd=repo)
         except GitError:
-            git("merge", "--abort", cwd=repo, check=False)
+            git("merge", "--abort", cwd=repo, check=False)  # ours: none was in progress before
             raise
-    else:
+    else:  # merge in a scratch worktree, then move the target only if nobody moved it meanwhile
         scratch = str(ctx.data_dir / "deliver" / ctx.key)
-        git("worktree", "add", "-q", scratch, target, cwd=repo)
+        if is_worktree(repo, scratch):
+            git("worktree", "remove", "--force", scratch, cwd=repo)
+        if Path(scratch).exists():
+            shutil.rmtree(scratch)
+        git("worktree", "prune", cwd=repo)
+        old = git("rev-parse", f"refs/heads/{target}", cwd=repo)
+        git("worktree", "add", "-q", "--detach", scratch, old, cwd=repo)
         try:
-            git("merge", "--no-ff", "-q", "-m", message, branch, cwd=scratch)
+            git("merge", "--no-ff", "--no-verify", "-q", "-m", message, branch, cwd=scratch)
+            git("update-ref", f"refs/heads/{target}", git("rev-parse", "HEAD", cwd=scratch), old,
+                cwd=repo)
         finally:
             git("worktree", "remove", "--force", scratch, cwd=repo, check=False)
     return {"target": target, "commit": git("rev-parse", target, cwd=repo), "merged": head}

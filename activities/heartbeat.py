@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Awaitable
 from typing import TypeVar
 
@@ -25,3 +26,15 @@ async def with_heartbeat(work: Awaitable[T]) -> T:
         return await work
     finally:
         beats.cancel()
+
+
+async def finish_first(work: Awaitable[T]) -> T:
+    """Await work that must not be abandoned half-way (a thread acting on the world): if the
+    activity is cancelled meanwhile, the work still completes before the cancellation goes on."""
+    task = asyncio.ensure_future(work)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        with contextlib.suppress(BaseException):
+            await task
+        raise

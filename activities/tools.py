@@ -112,9 +112,14 @@ class ToolBox:
             raise ToolRefused(f"'..' is not allowed in paths: {raw!r}")
         if ".git" in parts:
             raise ToolRefused(f"the .git directory is off limits: {raw!r}")
+        if "\x00" in text:
+            raise ToolRefused("paths cannot contain NUL bytes")
         root = Path(self.workspace.worktree).resolve()
         candidate = root.joinpath(*parts)
-        resolved = candidate.resolve()
+        try:
+            resolved = candidate.resolve()
+        except (RuntimeError, OSError, ValueError) as exc:  # symlink loops and the like
+            raise ToolRefused(f"{raw!r} cannot be resolved: {exc}") from None
         if resolved != root and root not in resolved.parents:
             raise ToolRefused(f"{raw!r} leads outside the workspace (symlink)")
         if resolved == root and not allow_root:
@@ -193,7 +198,11 @@ class ToolBox:
 
     def _delete_file(self, args: dict, call_id: str) -> ToolOutcome:
         path, relative = self.confine(args.get("path"))
-        if not path.is_file():
+        if path.is_symlink():  # delete the link itself, never what it points to
+            relative = path.relative_to(Path(self.workspace.worktree).resolve()).as_posix()
+        step = f"{self.step_prefix}/{call_id}"
+        if not path.is_file() and not path.is_symlink() and self.executor.ledger.for_step(
+                self.spec_id, step) is None:  # a replayed delete finds the file gone: that is fine
             raise ToolRefused(f"{relative} is not a file")
         return self._effect("git.delete_file", relative, call_id, {})
 

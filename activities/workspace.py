@@ -9,7 +9,7 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from activities.effects import EffectExecutor
-from activities.heartbeat import with_heartbeat
+from activities.heartbeat import finish_first, with_heartbeat
 from activities.git_effects import GitError, check_repository
 from relay.ledger import EffectConflict
 from relay.models import PrepareWorkspaceInput, WorkspaceRef
@@ -41,9 +41,9 @@ class WorkspaceActivities:
         """Branch relay/<spec> in a separate worktree; the user's checkout is not touched."""
         try:
             payload, check = await asyncio.to_thread(self._locate, inp)
-            row, _ = await with_heartbeat(asyncio.to_thread(
+            row, _ = await with_heartbeat(finish_first(asyncio.to_thread(
                 self.executor.execute, spec_id=inp.spec_id, run_id=activity.info().workflow_run_id,
-                step=f"i{inp.iteration}/workspace", effect="git.prepare_workspace", payload=payload))
+                step=f"i{inp.iteration}/workspace", effect="git.prepare_workspace", payload=payload)))
         except (GitError, EffectConflict) as exc:
             raise ApplicationError(str(exc), type="WorkspaceError", non_retryable=True) from None
         result = row.result or {}

@@ -34,12 +34,11 @@ from relay.ledger import EffectRecord, Ledger
 from relay.models import (
     WORKFLOW_TYPE, AnswerAck, AnswerInput, ApprovalInput, CompensationInput, CompensationReport,
     Decision, HookEffect, Limits, PipelineResult, RejectInput, Role, SpecInput, Status,
-    WorkspaceInput,
+    WorkspaceInput, spec_id_problem,
 )
 from relay.registry import AgentSession, Registry, SessionMessage
 from relay.settings import RelaySettings
 
-SPEC_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
 
 
 class RelayError(Exception):
@@ -97,9 +96,8 @@ def check_request(text: str, max_bytes: int) -> str:
 
 
 def check_spec_id(spec_id: str) -> str:
-    if not SPEC_ID.match(spec_id or ""):
-        raise InvalidRequest(f"invalid spec id {spec_id!r}: use 1-200 letters, digits, '.', '_' "
-                             "or '-', starting with a letter or digit")
+    if problem := spec_id_problem(spec_id):
+        raise InvalidRequest(problem)
     return spec_id
 
 

@@ -47,6 +47,12 @@ Snapshot = Callable[[EffectContext, Payload], Payload]
 Compensate = Callable[[EffectContext, Payload, Payload | None, Payload | None], None]
 
 
+class EffectFailed(Exception):
+    """An effect that failed in a way the adopter can classify: retryable or not."""
+
+    retryable = True
+
+
 class EffectDefinition:
     def __init__(self, name: str, act: Act, reversible: bool) -> None:
         self.name = name

@@ -100,15 +100,26 @@ class Ledger:
                 continue  # a concurrent attempt registered it: read theirs
         raise EffectConflict(f"could not register effect {effect!r} step {step!r}")
 
+    def for_step(self, spec_id: str, step: str) -> EffectRecord | None:
+        with Session(self.engine) as db:
+            return db.exec(select(EffectRecord).where(
+                EffectRecord.spec_id == spec_id, EffectRecord.step == step)).first()
+
     def _find(self, spec_id: str, step: str, key: str) -> EffectRecord | None:
         with Session(self.engine) as db:
             return db.exec(select(EffectRecord).where(
                 (EffectRecord.key == key) | ((EffectRecord.spec_id == spec_id) & (EffectRecord.step == step))
             )).first()
 
-    def update(self, key: str, **fields: Any) -> EffectRecord:
+    def update(self, key: str, *, only_from: tuple[str, ...] | None = None,
+               **fields: Any) -> EffectRecord:
+        """Update a row; with `only_from`, only while its status is one of those (a late act
+        must not turn a compensated row back into done)."""
         with Session(self.engine, expire_on_commit=False) as db:
-            row = db.exec(select(EffectRecord).where(EffectRecord.key == key)).one()
+            row = db.exec(select(EffectRecord).where(EffectRecord.key == key).with_for_update()).one()
+            if only_from is not None and row.status not in only_from:
+                raise EffectConflict(f"effect {row.effect} step {row.step} is {row.status} already; "
+                                     "its late result is not recorded")
             for name, value in fields.items():
                 setattr(row, name, value)
             row.updated_at = utcnow()
@@ -126,10 +137,11 @@ class Ledger:
     def to_compensate(self, spec_id: str, run_id: str | None = None) -> list[EffectRecord]:
         """Reversible effects still in the world, newest first; runs that delivered are final.
 
-        A run in which any irreversible effect completed is never compensated.
+        A run in which any irreversible effect completed — or started and never reported back,
+        so it may have happened — is never compensated automatically.
         """
         rows = self.effects(spec_id, run_id)
-        final_runs = {r.run_id for r in rows if not r.reversible and r.status == DONE}
+        final_runs = {r.run_id for r in rows if not r.reversible and r.status in (DONE, STARTED)}
         return [r for r in reversed(rows)
                 if r.reversible and r.run_id not in final_runs
                 and r.status in (STARTED, DONE, FAILED, NEEDS_HUMAN)]

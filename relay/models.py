@@ -7,6 +7,7 @@ Every field added later must carry a default so running workflows keep decoding.
 
 from __future__ import annotations
 
+import re
 from enum import Enum
 from typing import Any, Literal
 
@@ -26,6 +27,19 @@ class Role(str, Enum):
 
 
 ROLES: tuple[Role, ...] = tuple(Role)
+
+
+SPEC_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]*(\.[A-Za-z0-9_-]+)*$"
+SPEC_ID_MAX = 200
+
+
+def spec_id_problem(spec_id: str) -> str | None:
+    """Why a spec id is not allowed, or None. It names a git branch and a directory."""
+    if not spec_id or len(spec_id) > SPEC_ID_MAX or not re.match(SPEC_ID_PATTERN, spec_id) or (
+            spec_id.endswith(".lock")):
+        return (f"invalid spec id {spec_id!r}: use 1-{SPEC_ID_MAX} letters, digits, '_', '-' and "
+                "single dots between them, starting with a letter or digit")
+    return None
 
 
 def is_scripted(model: str | None) -> bool:

@@ -15,7 +15,9 @@ from typing import Any
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy, SearchAttributeKey
+from temporalio.workflow import ActivityCancellationType
 from temporalio.exceptions import ActivityError, ApplicationError
+from temporalio.exceptions import CancelledError as TemporalCancelledError
 
 with workflow.unsafe.imports_passed_through():
     import structlog
@@ -27,7 +29,7 @@ with workflow.unsafe.imports_passed_through():
         EffectInput, EffectRef, EffectResult, OpenSpecInput, OpenSpecResult,
         PendingQuestions, Phase, PipelineResult, Plan, PrepareWorkspaceInput,
         Question, RejectInput, Role, SessionStateInput, SpecInput, Status, Validation, WorkspaceInput,
-        WorkspaceRef,
+        WorkspaceRef, spec_id_problem,
     )
     from workflows import render, saga
     from workflows.saga import BOOKKEEPING
@@ -91,21 +93,30 @@ class SpecPipeline:
                 delivery=self._status.delivery, decision=self._status.decision,
                 branch=self._status.workspace.branch if self._status.workspace else None,
                 compensated=self._compensated, needs_human=self._status.needs_human)
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, ActivityError) as err:
+            if isinstance(err, ActivityError) and not _cancelled(err):
+                await self._fail(f"{_reason(err)}")
             self._status.error = "cancelled"
             await self._compensate()
             await self._close(Phase.cancelled, session_state="idle", spec_status="cancelled")
-            raise
+            raise asyncio.CancelledError() from None
         except SpecFailed as failure:
-            self._status.error = str(failure)
-            await self._compensate()
-            if self._status.needs_human:
-                self._status.error += (f"; {len(self._status.needs_human)} compensation(s) need a "
-                                       f"human: run 'relay compensate {self._status.spec_id}'")
-            await self._close(Phase.failed, session_state="idle", spec_status="failed")
-            raise ApplicationError(self._status.error, type="SpecFailed", non_retryable=True) from None
+            await self._fail(str(failure))
+        raise AssertionError("unreachable")
+
+    async def _fail(self, reason: str) -> None:
+        """Compensate, record the reason and end the run failed (raises)."""
+        self._status.error = reason
+        await self._compensate()
+        if self._status.needs_human:
+            self._status.error += (f"; {len(self._status.needs_human)} compensation(s) need a "
+                                   f"human: run 'relay compensate {self._status.spec_id}'")
+        await self._close(Phase.failed, session_state="idle", spec_status="failed")
+        raise ApplicationError(self._status.error, type="SpecFailed", non_retryable=True)
 
     def _check_request(self, request: str) -> None:
+        if problem := spec_id_problem(self._status.spec_id):
+            raise SpecFailed(problem)
         if not request.strip():
             raise SpecFailed("the request is empty")
         size = len(request.encode("utf-8"))
@@ -243,11 +254,15 @@ class SpecPipeline:
                                          maximum_interval=timedelta(seconds=60),
                                          maximum_attempts=limits.model_max_attempts),
                 summary=f"{role.value} turn {turn} ({kind})",
+                cancellation_type=ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
             )
         except ActivityError as err:
+            if _cancelled(err):
+                raise asyncio.CancelledError() from None
             self._session_state(role, "failed" if _is_invalid_output(err) else "idle")
             raise SpecFailed(f"{role.value} turn {turn} failed: {_reason(err)}") from None
         self._session_state(role, "idle")
+        _stop_if_cancelled()
         self._status.usage = self._status.usage + result.usage
         by_role = self._status.usage_by_role
         by_role[role.value] = by_role[role.value] + result.usage if role.value in by_role else result.usage
@@ -268,10 +283,13 @@ class SpecPipeline:
                                       workspace=workspace),
                 result_type=WorkspaceRef, summary="prepare branch and worktree",
                 **self._effect_options())
+            _stop_if_cancelled()
             for index, hook in enumerate(h for h in inp.hooks if h.at == "prepare"):
                 await self._effect(f"hook/prepare/{index}", hook.effect, hook.payload,
                                    reversible_only=True)
         except ActivityError as err:
+            if _cancelled(err):
+                raise asyncio.CancelledError() from None
             raise SpecFailed(f"workspace: {_reason(err)}") from None
 
     async def _commit(self, built: AgentTurnResult, round_no: int) -> None:
@@ -286,22 +304,36 @@ class SpecPipeline:
                        f"round {round_no}: {summary}"[:200]})
 
     async def _effect(self, step: str, effect: str, payload: dict[str, Any], *,
-                      reversible_only: bool = False) -> EffectResult:
+                      reversible_only: bool = False, irreversible: bool = False) -> EffectResult:
+        """Run one effect through the ledger. Irreversible steps retry a crashed attempt many
+        more times (a half-known merge must be finished, not compensated); an effect's own
+        non-retryable failure still ends them at once."""
+        attempts = max(20, self._limits.effect_max_attempts) if irreversible else (
+            self._limits.effect_max_attempts)
+        options = self._effect_options()
+        options["retry_policy"] = RetryPolicy(initial_interval=timedelta(milliseconds=500),
+                                              maximum_interval=timedelta(seconds=30),
+                                              maximum_attempts=attempts)
         try:
             result = await workflow.execute_activity(
                 "run_effect",
                 EffectInput(spec_id=self._status.spec_id, step=f"i{self._status.iteration}/{step}",
                             effect=effect, payload=payload, reversible_only=reversible_only,
-                            max_attempts=self._limits.effect_max_attempts),
-                result_type=EffectResult, summary=f"{effect} ({step})", **self._effect_options())
+                            max_attempts=attempts),
+                result_type=EffectResult, summary=f"{effect} ({step})", **options)
         except ActivityError as err:
+            if _cancelled(err):
+                raise asyncio.CancelledError() from None
             raise SpecFailed(f"effect {effect} failed: {_reason(err)}") from None
         self._status.effects.append(EffectRef(key=result.key, effect=effect, step=step,
                                               status=result.status))
+        if not irreversible:  # once delivery began, it is finished whatever arrives
+            _stop_if_cancelled()
         return result
 
     def _effect_options(self) -> dict[str, Any]:
         return dict(start_to_close_timeout=timedelta(minutes=5),
+                    cancellation_type=ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
                     heartbeat_timeout=timedelta(seconds=self._limits.heartbeat_timeout_s),
                     retry_policy=RetryPolicy(initial_interval=timedelta(milliseconds=500),
                                              maximum_interval=timedelta(seconds=30),
@@ -327,13 +359,26 @@ class SpecPipeline:
         ws = self._status.workspace
         assert ws is not None
         self._set_phase(Phase.delivering, None)
-        delivered = await self._effect("deliver", "git.deliver",
-                                       {"repo": ws.repo, "branch": ws.branch, "target": ws.target})
+        merge = asyncio.ensure_future(self._effect(
+            "deliver", "git.deliver", {"repo": ws.repo, "branch": ws.branch, "target": ws.target},
+            irreversible=True))
+        try:
+            delivered = await asyncio.shield(merge)
+        except asyncio.CancelledError:
+            # The irreversible step has begun: it is finished, never half-compensated.
+            delivered = await merge
+            self._flag("cancel_arrived_during_delivery")
         self._status.delivery = delivered.result
-        await self._effect("cleanup", "git.cleanup",
-                           {"repo": ws.repo, "branch": ws.branch, "worktree": ws.worktree})
-        for index, hook in enumerate(h for h in inp.hooks if h.at == "deliver"):
-            await self._effect(f"hook/deliver/{index}", hook.effect, hook.payload)
+        # After the merge the run is final: what follows can fail without undoing it.
+        after = [("cleanup", "git.cleanup", {"repo": ws.repo, "branch": ws.branch,
+                                             "worktree": ws.worktree})]
+        after += [(f"hook/deliver/{i}", h.effect, h.payload)
+                  for i, h in enumerate(h for h in inp.hooks if h.at == "deliver")]
+        for step, effect, payload in after:
+            try:
+                await self._effect(step, effect, payload, irreversible=True)
+            except SpecFailed as failure:
+                self._flag(f"after delivery: {failure}")
 
     async def _compensate(self) -> None:
         """Undo this run's effects, newest first; one that keeps failing waits for a human."""
@@ -486,6 +531,18 @@ def _reason(err: ActivityError) -> str:
     if retry_state is not None and retry_state.name == "MAXIMUM_ATTEMPTS_REACHED":
         message += " (gave up after the last retry)"
     return _one_line(message)
+
+
+def _stop_if_cancelled() -> None:
+    """A cancel that arrived while a step completed anyway must still stop the run: waiting
+    for the step's activity to finish can swallow the asyncio cancellation."""
+    if workflow.cancellation_reason() is not None:
+        raise asyncio.CancelledError()
+
+
+def _cancelled(err: ActivityError) -> bool:
+    """The activity ended because the workflow was cancelled (not a failure of the step)."""
+    return isinstance(err.cause, TemporalCancelledError)
 
 
 def _is_invalid_output(err: ActivityError) -> bool:

@@ -12,6 +12,7 @@ from datetime import timedelta
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy
+from temporalio.workflow import ActivityCancellationType
 from temporalio.exceptions import ActivityError
 
 with workflow.unsafe.imports_passed_through():
@@ -40,6 +41,7 @@ async def compensate(spec_id: str, run_id: str | None,
                 summary=f"compensate {ref.effect} ({ref.step})",
                 start_to_close_timeout=timedelta(minutes=5),
                 heartbeat_timeout=timedelta(seconds=limits.heartbeat_timeout_s),
+                cancellation_type=ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
                 retry_policy=RetryPolicy(initial_interval=timedelta(milliseconds=500),
                                          maximum_attempts=limits.compensation_max_attempts)))
         except ActivityError as err:
