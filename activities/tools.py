@@ -110,7 +110,7 @@ class ToolBox:
         parts = PurePosixPath(text.replace("\\", "/")).parts
         if ".." in parts:
             raise ToolRefused(f"'..' is not allowed in paths: {raw!r}")
-        if ".git" in parts:
+        if any(part.lower() == ".git" for part in parts):  # also .GIT on case-insensitive disks
             raise ToolRefused(f"the .git directory is off limits: {raw!r}")
         if "\x00" in text:
             raise ToolRefused("paths cannot contain NUL bytes")
@@ -125,7 +125,7 @@ class ToolBox:
         if resolved == root and not allow_root:
             raise ToolRefused("the workspace root is a directory, not a file")
         relative = resolved.relative_to(root).as_posix() if resolved != root else "."
-        if relative.split("/")[0] == ".git":
+        if relative.split("/")[0].lower() == ".git":
             raise ToolRefused(f"the .git directory is off limits: {raw!r}")
         return candidate, relative
 
@@ -138,8 +138,13 @@ class ToolBox:
             dirnames[:] = sorted(d for d in dirnames if d not in (".git", "__pycache__"))
             for name in sorted(filenames):
                 path = Path(dirpath) / name
-                if path.is_symlink() and root not in path.resolve().parents:
-                    continue
+                if path.is_symlink():  # listed only if it stays inside and out of .git
+                    try:
+                        target = path.resolve()
+                    except (RuntimeError, OSError):
+                        continue
+                    if root not in target.parents or target.relative_to(root).parts[0].lower() == ".git":
+                        continue
                 found.append(path.relative_to(root).as_posix())
         return found
 

@@ -200,6 +200,9 @@ class RelayClient:
         desc = await self._describe(spec_id)
         if desc.status == ExecStatus.RUNNING:
             raise SpecAlreadyRunning(f"spec {spec_id} is still running; wait for it or cancel it first")
+        if await self._compensation_running(spec_id):
+            raise SpecAlreadyRunning(f"spec {spec_id} is being compensated (relay compensate); "
+                                     "iterate when it is done")
         try:
             handle = await self.temporal.start_workflow(
                 WORKFLOW_TYPE, SpecInput(request=change_request, iterate=True, limits=limits,
@@ -341,6 +344,17 @@ class RelayClient:
 
     async def _is_running(self, spec_id: str) -> bool:
         return (await self._describe(spec_id)).status == ExecStatus.RUNNING
+
+    async def _compensation_running(self, spec_id: str) -> bool:
+        from workflows.compensation import compensation_workflow_id
+
+        try:
+            desc = await self.temporal.get_workflow_handle(compensation_workflow_id(spec_id)).describe()
+        except RPCError as exc:
+            if exc.status == RPCStatusCode.NOT_FOUND:
+                return False
+            raise _rpc_error(exc, spec_id) from None
+        return desc.status == ExecStatus.RUNNING
 
     async def _require_running(self, spec_id: str) -> None:
         desc = await self._describe(spec_id)

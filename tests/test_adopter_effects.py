@@ -107,3 +107,31 @@ def test_registry_rules():
     final = effects.effect("a.final", reversible=False)(act)
     with pytest.raises(ValueError, match="irreversible"):
         final.compensation(lambda *a: None)
+
+
+async def test_no_iteration_while_a_compensation_runs(relay, registry, settings, tmp_path):
+    """While `relay compensate` works on a spec, `relay iterate` is refused: the old run's
+    compensations would otherwise remove the new run's branch."""
+    tracker = tmp_path / "tracker"
+    tracker.mkdir()
+    sid = await start(relay, tracker, HookEffect(effect="tickets.open", payload={"dir": str(tracker)}))
+    await wait_for(relay, sid, lambda s: s.phase == Phase.waiting_for_approval)
+    (tracker / "tracker-down").touch()
+    await relay.reject(sid, "no")
+    assert (await relay.result(sid)).needs_human
+
+    slow = relay.settings.model_copy(update={"compensation_max_attempts": 4})  # ~3.5 s of retries
+    from relay.client import RelayClient, SpecAlreadyRunning
+
+    compensating = asyncio.create_task(RelayClient(relay.temporal, slow, registry).compensate(sid))
+    handle = relay.temporal.get_workflow_handle(f"compensate:{sid}")
+    while True:  # until the compensation workflow exists
+        try:
+            await handle.describe()
+            break
+        except Exception:
+            await asyncio.sleep(0.05)
+    with pytest.raises(SpecAlreadyRunning, match="being compensated"):
+        await relay.iterate(sid, "next")
+    report = await compensating
+    assert [r.effect for r in report.needs_human] == ["tickets.open"]

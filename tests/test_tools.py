@@ -28,6 +28,7 @@ def worktree(tmp_path: Path) -> Path:
     (tmp_path / "secret.txt").write_text("outside\n")
     os.symlink(tmp_path / "secret.txt", root / "link-out")
     os.symlink(tmp_path, root / "dir-out")
+    os.symlink(root / ".git", root / "git-link")
     return root
 
 
@@ -46,6 +47,8 @@ class TestConfinement:
         ("../secret.txt", "'..' is not allowed"),
         ("src/../../secret.txt", "'..' is not allowed"),
         (".git/config", "the .git directory is off limits"),
+        (".GIT/config", "the .git directory is off limits"),
+        ("git-link/config", "the .git directory is off limits"),
         ("src/../.git/HEAD", "'..' is not allowed"),
         ("link-out", "leads outside the workspace"),
         ("dir-out/secret.txt", "leads outside the workspace"),
@@ -66,6 +69,7 @@ class TestConfinement:
         listing = box.run("list_files", {}, "c1").text.splitlines()
         assert "src/app.py" in listing and not any(p.startswith(".git") for p in listing)
         assert "link-out" not in listing  # a symlink leading out is not even listed
+        assert not any(p.startswith("git-link") for p in listing)  # nor one into .git
         assert "src/app.py:1: print('hi')" in box.run("search_text", {"text": "hi"}, "c2").text
         wrote = box.run("write_file", {"path": "src/new.py", "content": "x = 1\n"}, "c3")
         assert not wrote.is_error and wrote.changed_path == "src/new.py"
