@@ -43,9 +43,9 @@ class EffectExecutor:
         if reversible_only and not definition.reversible:
             raise EffectConflict(f"effect {effect!r} is irreversible and cannot run before approval")
         undo = None
-        if definition.take_snapshot is not None:
+        if definition.take_snapshot is not None and self.ledger.for_step(spec_id, step) is None:
             # what the compensation needs is taken before acting and stored with the new row;
-            # a retry's row already has the first attempt's snapshot, and keeps it
+            # a retry finds its row, with the first attempt's snapshot, and takes none
             probe = EffectContext(spec_id=spec_id, run_id=run_id, key=key or "", data_dir=self.data_dir)
             undo = definition.take_snapshot(probe, payload)
         row, _ = self.ledger.register(spec_id=spec_id, run_id=run_id, step=step, effect=effect,
@@ -60,7 +60,7 @@ class EffectExecutor:
             result = definition.act(ctx, payload)
         except Exception as exc:
             self.ledger.update(row.key, only_from=(STARTED, FAILED), status=FAILED,
-                               error=" ".join(str(exc).split())[:500])
+                               error=_line(exc))
             raise
         self.failpoints.hit("effect.after_act", effect)
         row = self.ledger.update(row.key, only_from=(STARTED, FAILED), status=DONE, result=result,
@@ -84,8 +84,19 @@ class EffectExecutor:
         return self.ledger.update(key, status=COMPENSATED, error=None)
 
 
-def _non_retryable(exc: Exception, kind: str) -> ApplicationError:
-    return ApplicationError(" ".join(str(exc).split())[:500], type=kind, non_retryable=True)
+def _line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:500]
+
+
+def effect_error(exc: Exception, attempt: int, max_attempts: int) -> ApplicationError:
+    """How a failed effect reaches Temporal, in one place: a conflict or an unknown effect never
+    retries; an effect's own non-retryable failure stops at once; anything else retries until
+    max_attempts (0: the retry policy decides)."""
+    if isinstance(exc, (EffectConflict, UnknownEffect)):
+        return ApplicationError(_line(exc), type=type(exc).__name__, non_retryable=True)
+    final = (isinstance(exc, EffectFailed) and not exc.retryable) or (
+        bool(max_attempts) and attempt >= max_attempts)
+    return ApplicationError(_line(exc), type="EffectFailed", non_retryable=final)
 
 
 class EffectActivities:
@@ -100,18 +111,8 @@ class EffectActivities:
                 self.executor.execute, spec_id=inp.spec_id, run_id=info.workflow_run_id,
                 step=inp.step, effect=inp.effect, payload=inp.payload, key=inp.key,
                 reversible_only=inp.reversible_only)))
-        except EffectConflict as exc:
-            raise _non_retryable(exc, "EffectConflict") from None
-        except UnknownEffect as exc:
-            raise _non_retryable(exc, "UnknownEffect") from None
-        except EffectFailed as exc:
-            if not exc.retryable or (inp.max_attempts and info.attempt >= inp.max_attempts):
-                raise _non_retryable(exc, "EffectFailed") from None
-            raise ApplicationError(" ".join(str(exc).split())[:500], type="EffectFailed") from None
         except Exception as exc:
-            if inp.max_attempts and info.attempt >= inp.max_attempts:
-                raise _non_retryable(exc, "EffectFailed") from None
-            raise ApplicationError(" ".join(str(exc).split())[:500], type="EffectFailed") from None
+            raise effect_error(exc, info.attempt, inp.max_attempts) from None
         return EffectResult(key=row.key, effect=row.effect, status=row.status,
                             result=row.result or {}, replayed=replayed)
 
@@ -127,7 +128,7 @@ class EffectActivities:
                 self.executor.compensate, inp.key))))
         except Exception as exc:
             await asyncio.to_thread(self.executor.ledger.update, inp.key,
-                                    error=" ".join(str(exc).split())[:500])
+                                    error=_line(exc))
             raise ApplicationError(f"compensation failed: {exc}", type="CompensationFailed") from None
 
     @activity.defn(name="mark_needs_human")

@@ -21,8 +21,8 @@ from rich.prompt import Confirm, Prompt
 from rich.text import Text
 
 from relay import logs, view
-from relay.client import InvalidAnswer, InvalidRequest, RelayClient, RelayError, SpecFailed
-from relay.models import Phase, PipelineResult, Question, WorkspaceInput
+from relay.client import InvalidAnswer, RelayClient, RelayError, SpecFailed
+from relay.models import Phase, Question, WorkspaceInput
 from relay.settings import RelaySettings
 
 app = typer.Typer(help="relay: a durable five-agent pipeline on Temporal.", no_args_is_help=True,
@@ -148,16 +148,11 @@ def worker(address: Address = None,
         settings.task_queue = task_queue
 
     async def serve() -> None:
-        from worker.main import TemporalUnreachable, run_worker
+        from worker.main import run_worker
 
         stop = asyncio.Event()
         _stop_on_signals(stop)
-        try:
-            await run_worker(settings, stop)
-        except TemporalUnreachable as exc:
-            raise RelayError(str(exc)) from None
-        except (SQLAlchemyError, ModuleNotFoundError) as exc:
-            raise RelayError(f"cannot open the relay registry: {getattr(exc, 'orig', None) or exc}") from None
+        await run_worker(settings, stop)  # unreachable Temporal or registry: a RelayError
 
     run_async(serve())
 

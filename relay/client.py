@@ -8,7 +8,6 @@ cause surfaces as a RelayError subclass with a one-line message.
 from __future__ import annotations
 
 import asyncio
-import re
 import subprocess
 import uuid
 from collections.abc import Mapping
@@ -101,6 +100,34 @@ def check_spec_id(spec_id: str) -> str:
     return spec_id
 
 
+async def connect_temporal(address: str, namespace: str = "default") -> Client:
+    """A Temporal client with relay's data converter, or TemporalUnreachable in one line."""
+    try:
+        return await asyncio.wait_for(
+            Client.connect(address, namespace=namespace, data_converter=pydantic_data_converter),
+            timeout=15)
+    except (RuntimeError, OSError, ValueError, asyncio.TimeoutError) as exc:
+        raise TemporalUnreachable(f"cannot reach Temporal at {address}: "
+                                  f"{_one_line(str(exc)) or 'timed out'}") from None
+
+
+def open_registry(url: str, *, must_exist: bool = False) -> Registry:
+    """The registry at `url`, or RegistryUnavailable in one line (never with the password).
+    Readers pass must_exist: a missing SQLite file means the wrong data directory."""
+    safe = make_url(url).render_as_string(hide_password=True)
+    if must_exist and url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).exists():
+        raise RegistryUnavailable(f"no relay registry at {safe} (set RELAY_DATA_DIR or "
+                                  "RELAY_DATABASE_URL to the one your workers use)")
+    try:
+        return Registry.from_url(url)
+    except SQLAlchemyError as exc:
+        raise RegistryUnavailable(f"cannot open the relay registry at {safe}: "
+                                  f"{_one_line(str(getattr(exc, 'orig', None) or exc))}") from None
+    except ModuleNotFoundError as exc:
+        raise RegistryUnavailable(f"the driver for {safe} is not installed ({exc.name}); "
+                                  "for PostgreSQL install relay[postgres]") from None
+
+
 def check_workspace(workspace: WorkspaceInput) -> WorkspaceInput:
     """A named repository must exist here, be a git repository and have the target branch."""
     if workspace.path is None:
@@ -129,32 +156,13 @@ class RelayClient:
     async def connect(cls, settings: RelaySettings | None = None, *,
                       address: str | None = None) -> RelayClient:
         settings = settings or RelaySettings()
-        target = address or settings.temporal_address
-        try:
-            client = await asyncio.wait_for(
-                Client.connect(target, namespace=settings.namespace,
-                               data_converter=pydantic_data_converter), timeout=15)
-        except (RuntimeError, OSError, ValueError, asyncio.TimeoutError) as exc:
-            raise TemporalUnreachable(f"cannot reach Temporal at {target}: "
-                                      f"{_one_line(str(exc)) or 'timed out'}") from None
+        client = await connect_temporal(address or settings.temporal_address, settings.namespace)
         return cls(client, settings)
 
     @property
     def registry(self) -> Registry:
         if self._registry is None:
-            url = self.settings.registry_url()
-            safe = make_url(url).render_as_string(hide_password=True)
-            if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).exists():
-                raise RegistryUnavailable(f"no relay registry at {safe} (set RELAY_DATA_DIR or "
-                                          "RELAY_DATABASE_URL to the one your workers use)")
-            try:
-                self._registry = Registry.from_url(url)
-            except SQLAlchemyError as exc:
-                raise RegistryUnavailable(f"cannot open the relay registry at {safe}: "
-                                          f"{_one_line(str(getattr(exc, 'orig', None) or exc))}") from None
-            except ModuleNotFoundError as exc:
-                raise RegistryUnavailable(f"the driver for {safe} is not installed ({exc.name}); "
-                                          "for PostgreSQL install relay[postgres]") from None
+            self._registry = open_registry(self.settings.registry_url(), must_exist=True)
         return self._registry
 
     def _handle(self, spec_id: str, run_id: str | None = None) -> WorkflowHandle[Any, PipelineResult]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
 import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -154,3 +155,32 @@ def cli_env(settings: RelaySettings) -> dict[str, str]:
 
 RELAY_CMD = [sys.executable, "-m", "relay.cli"]
 TERMINAL = {Phase.completed, Phase.failed, Phase.cancelled}
+
+
+def git(repo: Path, *args: str) -> str:
+    return subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True,
+                          check=True).stdout.strip()
+
+
+def make_repo(repo: Path, files: dict[str, str] | None = None) -> Path:
+    """A git repository with a main branch and one commit of `files` (a README by default)."""
+    repo.mkdir(parents=True)
+    git(repo, "init", "-q", "-b", "main")
+    for name, content in (files or {"README.md": "# project\n"}).items():
+        (repo / name).write_text(content)
+    git(repo, "add", "-A")
+    git(repo, "-c", "user.name=u", "-c", "user.email=u@x", "commit", "-q", "-m", "first")
+    return repo
+
+
+@pytest.fixture
+def user_repo(tmp_path: Path) -> Path:
+    """A user's repository with a main branch and a clean checkout."""
+    return make_repo(tmp_path / "project")
+
+
+def snapshot(repo: Path) -> tuple[str, str, list[str], str]:
+    """What the user sees: main's commit, the checkout's state, its files, the branches."""
+    return (git(repo, "rev-parse", "main"), git(repo, "status", "--porcelain"),
+            sorted(p.name for p in repo.iterdir() if p.name != ".git"),
+            git(repo, "branch", "--format=%(refname:short)"))

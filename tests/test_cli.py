@@ -17,7 +17,9 @@ from relay.client import SpecFailed
 from relay.models import ROLES, Phase, Role
 from worker.devserver import temporal_binary
 
-from tests.conftest import approve_when_asked, ANSWERS, RELAY_CMD, cli_env, spec_id, wait_for, wait_for_questions
+from tests.conftest import (
+    ANSWERS, RELAY_CMD, approve_when_asked, cli_env, make_repo, spec_id, wait_for, wait_for_questions,
+)
 
 
 async def cli(settings, *args: str, timeout: float = 60.0,
@@ -175,13 +177,19 @@ async def test_cancel_a_spec_waiting_for_answers(relay, settings, registry):
 # --- the raw temporal CLI (the Web UI / raw client contract) -----------------------------
 
 
-async def test_raw_temporal_cli_starts_queries_answers_and_reads_the_result(relay, settings):
-    """Plain JSON through `temporal workflow start / query / update execute / result` runs a spec."""
+async def start_raw(relay, settings) -> str:
+    """`temporal workflow start` with plain JSON, as the Web UI's start form sends it."""
     sid = spec_id("raw")
     ok(await temporal_cli(settings, "workflow", "start", "--type", "SpecPipeline",
                           "--task-queue", settings.task_queue, "--workflow-id", sid,
                           "--input", json.dumps({"request": "Write a greeting module"})))
     await wait_for_questions(relay, sid)
+    return sid
+
+
+async def test_raw_temporal_cli_starts_queries_answers_and_reads_the_result(relay, settings):
+    """Plain JSON through `temporal workflow start / query / update execute / result` runs a spec."""
+    sid = await start_raw(relay, settings)
 
     out = ok(await temporal_cli(settings, "workflow", "query", "--workflow-id", sid,
                                 "--name", "status", "-o", "json"))
@@ -207,11 +215,7 @@ async def test_raw_temporal_cli_starts_queries_answers_and_reads_the_result(rela
 
 async def test_raw_temporal_cli_signal_answers_a_spec(relay, settings):
     """A `temporal workflow signal --name answer_signal` with the answers completes the spec."""
-    sid = spec_id("raw")
-    ok(await temporal_cli(settings, "workflow", "start", "--type", "SpecPipeline",
-                          "--task-queue", settings.task_queue, "--workflow-id", sid,
-                          "--input", json.dumps({"request": "Write a greeting module"})))
-    await wait_for_questions(relay, sid)
+    sid = await start_raw(relay, settings)
     ok(await temporal_cli(settings, "workflow", "signal", "--workflow-id", sid,
                           "--name", "answer_signal", "--input", json.dumps({"answers": ANSWERS})))
     result = await approve_when_asked(relay, sid)
@@ -263,13 +267,7 @@ async def test_run_prints_a_long_spec_id_on_one_line(relay, settings):
 
 async def test_workspace_spec_through_the_cli(relay, settings, tmp_path):
     """`relay run --workspace --check`, `relay approve`, `relay effects`; then a rejected one."""
-    import subprocess
-
-    repo = tmp_path / "repo"
-    repo.mkdir()
-    for args in (["init", "-q", "-b", "main"], ["commit", "-q", "--allow-empty", "-m", "start"]):
-        subprocess.run(["git", "-c", "user.name=u", "-c", "user.email=u@x", *args], cwd=repo,
-                       check=True)
+    repo = make_repo(tmp_path / "repo")
     sid = spec_id("cli")
     ok(await cli(settings, "run", "Write a greeting module", "--id", sid, "--workspace", str(repo),
                  "--check", "python -m unittest"))

@@ -7,7 +7,6 @@ restored when a run is rolled back.
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -16,33 +15,11 @@ from relay.client import SpecFailed
 from relay.ledger import Ledger
 from relay.models import Phase, WorkspaceInput
 
-from tests.conftest import ANSWERS, approve_when_asked, run_spec, spec_id, wait_for, wait_for_questions
+from tests.conftest import (
+    ANSWERS, approve_when_asked, git, run_spec, snapshot, spec_id, wait_for, wait_for_questions,
+)
 
 CHECK = "python -m unittest -v"
-
-
-def git(repo: Path, *args: str) -> str:
-    return subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True,
-                          check=True).stdout.strip()
-
-
-@pytest.fixture
-def user_repo(tmp_path: Path) -> Path:
-    """A user's repository with a main branch and a clean checkout."""
-    repo = tmp_path / "project"
-    repo.mkdir()
-    git(repo, "init", "-q", "-b", "main")
-    (repo / "README.md").write_text("# project\n")
-    git(repo, "add", "README.md")
-    git(repo, "-c", "user.name=u", "-c", "user.email=u@x", "commit", "-q", "-m", "first")
-    return repo
-
-
-def snapshot(repo: Path) -> tuple[str, str, list[str], str]:
-    """What the user sees: main's commit, the checkout's state, its files, the branches."""
-    return (git(repo, "rev-parse", "main"), git(repo, "status", "--porcelain"),
-            sorted(p.name for p in repo.iterdir() if p.name != ".git"),
-            git(repo, "branch", "--format=%(refname:short)"))
 
 
 async def waiting_for_approval(relay, sid: str):

@@ -4,8 +4,6 @@ checkout at delivery, stale branches, awkward commits, late results."""
 from __future__ import annotations
 
 import os
-import subprocess
-from pathlib import Path
 
 import pytest
 from temporalio.client import WorkflowExecutionStatus, WorkflowFailureError
@@ -13,14 +11,15 @@ from temporalio.client import WorkflowExecutionStatus, WorkflowFailureError
 from activities.effects import EffectExecutor
 from activities.git_effects import GitError, git_effects
 from relay.client import SpecFailed
-from relay.effects import EffectContext
 from relay.ledger import EffectConflict, Ledger
-from relay.models import Phase, Role, WorkspaceInput, WorkspaceRef
+from relay.models import Role, WorkspaceInput
 from relay.scripted_model import Fault
 
-from tests.conftest import ANSWERS, approve_when_asked, spec_id, wait_for, wait_for_questions
+from tests.conftest import (
+    ANSWERS, approve_when_asked, git, make_repo, snapshot, spec_id, wait_for, wait_for_questions,
+)
 from tests.test_tools import toolbox
-from tests.test_workspace import git, snapshot, start, user_repo, waiting_for_approval  # noqa: F401
+from tests.test_workspace import start, waiting_for_approval
 
 
 class TestHostileInput:
@@ -90,12 +89,7 @@ class TestLedgerRaces:
 
 class TestCommits:
     def test_ignored_and_written_then_deleted_files_commit_cleanly(self, tmp_path, registry):
-        repo = tmp_path / "repo"
-        repo.mkdir()
-        git(repo, "init", "-q", "-b", "main")
-        (repo / ".gitignore").write_text("*.log\n")
-        git(repo, "add", ".gitignore")
-        git(repo, "-c", "user.name=u", "-c", "user.email=u@x", "commit", "-q", "-m", "start")
+        repo = make_repo(tmp_path / "repo", {".gitignore": "*.log\n"})
         (repo / "kept.log").write_text("wanted anyway")
         (repo / "new.py").write_text("x = 1\n")
         (repo / ":(exclude)zz").write_text("odd name")

@@ -18,7 +18,6 @@ import structlog
 from temporalio.api.enums.v1 import IndexedValueType
 from temporalio.api.operatorservice.v1 import AddSearchAttributesRequest, ListSearchAttributesRequest
 from temporalio.client import Client
-from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.worker import Worker
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 
@@ -26,6 +25,8 @@ from activities import AgentTurnActivities, RegistryActivities
 from activities.effects import EffectActivities, EffectExecutor
 from activities.git_effects import git_effects
 from activities.workspace import WorkspaceActivities
+from relay.client import connect_temporal as connect
+from relay.client import open_registry
 from relay.effects import EffectRegistry, load_registry
 from relay.failpoints import Failpoints
 from relay.ledger import Ledger
@@ -39,19 +40,6 @@ from workflows.pipeline import SpecPipeline
 log = structlog.get_logger("relay.worker")
 
 SCRIPTED_MODEL = "relay-scripted-1"
-
-
-class TemporalUnreachable(Exception):
-    pass
-
-
-async def connect(address: str, namespace: str = "default") -> Client:
-    try:
-        return await asyncio.wait_for(
-            Client.connect(address, namespace=namespace, data_converter=pydantic_data_converter),
-            timeout=15)
-    except (RuntimeError, OSError, ValueError, asyncio.TimeoutError) as exc:
-        raise TemporalUnreachable(f"cannot reach Temporal at {address}: {exc or 'timed out'}") from None
 
 
 async def ensure_search_attributes(client: Client) -> None:
@@ -142,7 +130,7 @@ async def run_worker(settings: RelaySettings, stop: asyncio.Event, *,
     client = await connect(settings.temporal_address, settings.namespace)
     await ensure_search_attributes(client)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    registry = Registry.from_url(settings.registry_url())
+    registry = open_registry(settings.registry_url())
     endpoint = model_endpoint(settings)
     worker = build_worker(client, task_queue=settings.task_queue, registry=registry,
                           endpoint=endpoint, settings=settings)

@@ -33,6 +33,8 @@ with workflow.unsafe.imports_passed_through():
     )
     from workflows import render, saga
     from workflows.saga import BOOKKEEPING
+    from workflows.saga import one_line as _one_line
+    from workflows.saga import reason as _reason
 
 log = structlog.get_logger("relay.workflow")
 PHASE = SearchAttributeKey.for_keyword(PHASE_SEARCH_ATTRIBUTE)
@@ -524,15 +526,6 @@ class SpecPipeline:
             self._status.flags.append(flag)
 
 
-def _reason(err: ActivityError) -> str:
-    cause = err.cause
-    message = getattr(cause, "message", None) or str(cause or err)
-    retry_state = getattr(err, "retry_state", None)
-    if retry_state is not None and retry_state.name == "MAXIMUM_ATTEMPTS_REACHED":
-        message += " (gave up after the last retry)"
-    return _one_line(message)
-
-
 def _stop_if_cancelled() -> None:
     """A cancel that arrived while a step completed anyway must still stop the run: waiting
     for the step's activity to finish can swallow the asyncio cancellation."""
@@ -547,7 +540,3 @@ def _cancelled(err: ActivityError) -> bool:
 
 def _is_invalid_output(err: ActivityError) -> bool:
     return isinstance(err.cause, ApplicationError) and err.cause.type == "InvalidModelOutput"
-
-
-def _one_line(text: str) -> str:
-    return " ".join(text.split())[:500]

@@ -45,8 +45,21 @@ async def compensate(spec_id: str, run_id: str | None,
                 retry_policy=RetryPolicy(initial_interval=timedelta(milliseconds=500),
                                          maximum_attempts=limits.compensation_max_attempts)))
         except ActivityError as err:
-            reason = " ".join(str(getattr(err.cause, "message", None) or err.cause or err).split())
             stuck.append(await workflow.execute_activity(
-                "mark_needs_human", NeedsHumanInput(key=ref.key, reason=reason[:500]),
+                "mark_needs_human", NeedsHumanInput(key=ref.key, reason=reason(err)),
                 result_type=EffectRef, summary=f"needs a human: {ref.effect}", **BOOKKEEPING))
     return compensated, stuck
+
+
+def reason(err: ActivityError) -> str:
+    """Why an activity failed, on one line, saying when the retries ran out."""
+    cause = err.cause
+    message = getattr(cause, "message", None) or str(cause or err)
+    retry_state = getattr(err, "retry_state", None)
+    if retry_state is not None and retry_state.name == "MAXIMUM_ATTEMPTS_REACHED":
+        message += " (gave up after the last retry)"
+    return one_line(message)
+
+
+def one_line(text: str) -> str:
+    return " ".join(text.split())[:500]
