@@ -118,13 +118,24 @@ async def wait_for(rc: RelayClient, sid: str, predicate, timeout: float = 30.0) 
         await asyncio.sleep(0.05)
 
 
-async def wait_for_questions(rc: RelayClient, sid: str, round_no: int = 1) -> Status:
-    return await wait_for(rc, sid, lambda s: s.pending is not None and s.pending.round == round_no)
+async def until(predicate, timeout: float = 30.0) -> None:
+    """Await a condition on the world outside Temporal (registry rows, files, processes)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate():
+        assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
+        await asyncio.sleep(0.02)
 
 
-async def approve_when_asked(rc: RelayClient, sid: str) -> PipelineResult:
+async def wait_for_questions(rc: RelayClient, sid: str, round_no: int = 1,
+                             timeout: float = 30.0) -> Status:
+    return await wait_for(rc, sid, lambda s: s.pending is not None and s.pending.round == round_no,
+                          timeout)
+
+
+async def approve_when_asked(rc: RelayClient, sid: str, timeout: float = 30.0) -> PipelineResult:
     """Approve delivery if the run gets that far, and return its result."""
-    st = await wait_for(rc, sid, lambda s: s.phase in TERMINAL or s.phase == Phase.waiting_for_approval)
+    st = await wait_for(rc, sid, lambda s: s.phase in TERMINAL or s.phase == Phase.waiting_for_approval,
+                        timeout)
     if st.phase == Phase.waiting_for_approval:
         await rc.approve(sid, reviewer="tests")
     return await rc.result(sid)

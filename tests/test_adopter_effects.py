@@ -6,6 +6,7 @@ import asyncio
 from pathlib import Path
 
 import pytest
+from temporalio.service import RPCError
 
 from relay.client import SpecFailed
 from relay.effects import EffectRegistry
@@ -120,18 +121,25 @@ async def test_no_iteration_while_a_compensation_runs(relay, registry, settings,
     await relay.reject(sid, "no")
     assert (await relay.result(sid)).needs_human
 
-    slow = relay.settings.model_copy(update={"compensation_max_attempts": 4})  # ~3.5 s of retries
+    # The tracker stays down until the refusal is seen, so the compensation is still retrying
+    # however slow the machine; then it comes back and the retried compensation succeeds.
+    patient = relay.settings.model_copy(update={"compensation_max_attempts": 8})
     from relay.client import RelayClient, SpecAlreadyRunning
 
-    compensating = asyncio.create_task(RelayClient(relay.temporal, slow, registry).compensate(sid))
+    compensating = asyncio.create_task(RelayClient(relay.temporal, patient, registry).compensate(sid))
     handle = relay.temporal.get_workflow_handle(f"compensate:{sid}")
+    deadline = asyncio.get_running_loop().time() + 30
     while True:  # until the compensation workflow exists
+        assert not compensating.done(), compensating
+        assert asyncio.get_running_loop().time() < deadline, "compensation workflow never started"
         try:
             await handle.describe()
             break
-        except Exception:
+        except RPCError:
             await asyncio.sleep(0.05)
     with pytest.raises(SpecAlreadyRunning, match="being compensated"):
         await relay.iterate(sid, "next")
-    report = await compensating
-    assert [r.effect for r in report.needs_human] == ["tickets.open"]
+    assert not compensating.done()
+    (tracker / "tracker-down").unlink()
+    report = await asyncio.wait_for(compensating, 90)
+    assert [r.effect for r in report.compensated] == ["tickets.open"] and not report.needs_human

@@ -14,10 +14,11 @@ from collections import Counter
 from pathlib import Path
 
 from relay.client import RelayClient
+from relay.models import Role
 from relay.scripted_model import Fault
 
 from tests.conftest import (
-    ANSWERS, RELAY_CMD, approve_when_asked, cli_env, spec_id, wait_for_questions,
+    ANSWERS, RELAY_CMD, approve_when_asked, cli_env, spec_id, until, wait_for_questions,
 )
 
 
@@ -32,13 +33,6 @@ async def kill(proc: asyncio.subprocess.Process) -> None:
     await proc.wait()
 
 
-async def until(predicate, timeout: float = 30.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not predicate():
-        assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
-        await asyncio.sleep(0.02)
-
-
 async def test_spec_survives_sigkilled_workers(client, settings, registry, model_server, tmp_path):
     """Kill the worker while the spec waits for a human and again mid model call; it completes."""
     rc = RelayClient(client, settings, registry)
@@ -47,17 +41,20 @@ async def test_spec_survives_sigkilled_workers(client, settings, registry, model
     first = await start_worker(settings, log)
     try:
         sid = await rc.run("Write a greeting module", spec_id=spec_id("crash"), limits=limits)
-        await wait_for_questions(rc, sid)
-        await kill(first)  # killed while the spec waits for the human
+        await wait_for_questions(rc, sid, timeout=90)
+        # Killed while the spec waits for the human: after the registry was told so, since a
+        # kill during that bookkeeping activity would be retried only at its timeout.
+        await until(lambda: registry.find_session(sid, Role.clarifier).status == "waiting")
+        await kill(first)
 
         second = await start_worker(settings, log)
         model_server.add_fault(Fault(kind="slow", role="planner", delay_s=4))
         await rc.answer(sid, ANSWERS)
-        await until(lambda: model_server.arrived("planner") == 1)
+        await until(lambda: model_server.arrived("planner") == 1, timeout=90)
         await kill(second)  # killed while the planner's model call is in flight
 
         third = await start_worker(settings, log)
-        result = await approve_when_asked(rc, sid)
+        result = await approve_when_asked(rc, sid, timeout=120)
         assert result.outcome == "delivered"
     finally:
         for proc in (first, locals().get("second"), locals().get("third")):
@@ -65,6 +62,8 @@ async def test_spec_survives_sigkilled_workers(client, settings, registry, model
                 proc.terminate()
                 await proc.wait()
 
+    # The killed planner call is recorded when its held answer is sent, so await it.
+    await until(lambda: len(model_server.recorded("planner")) >= 2)
     bodies = Counter(json.dumps(r.body, sort_keys=True) for r in model_server.recorded())
     repeated = [json.loads(b) for b, n in bodies.items() if n > 1]
     # Only the planner's first turn, in flight at the kill, reached the model twice.

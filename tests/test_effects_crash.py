@@ -50,7 +50,7 @@ async def test_effects_and_compensations_happen_once_across_kills(client, settin
         sid = await rc.run("Write a greeting module [buggy-first]", spec_id=spec_id("kill"),
                            limits=limits)
         repo = data_dir / "workspaces" / sid
-        await wait_for_questions(rc, sid)
+        await wait_for_questions(rc, sid, timeout=90)
         await rc.answer(sid, ANSWERS)
 
         # 1. killed after the commit was made, before the ledger says done

@@ -22,9 +22,10 @@ async def test_worker_logs_are_bound_replay_safe_and_secret_free(client, setting
     try:
         rc = RelayClient(client, settings, registry)
         sid = await rc.run("Write a greeting module", spec_id=spec_id("logs"))
-        await wait_for_questions(rc, sid)
+        # Budgets include the worker's start and its replay of every task (no cache).
+        await wait_for_questions(rc, sid, timeout=90)
         await rc.answer(sid, ANSWERS)
-        assert (await approve_when_asked(rc, sid)).outcome == "delivered"
+        assert (await approve_when_asked(rc, sid, timeout=120)).outcome == "delivered"
         history = await client.get_workflow_handle(sid).fetch_history()
     finally:
         worker.terminate()

@@ -8,7 +8,7 @@ from temporalio.api.sdk.v1 import WorkflowMetadata
 
 from relay.models import ROLES, Phase, Role
 
-from tests.conftest import approve_when_asked, ANSWERS, run_spec, spec_id, wait_for_questions
+from tests.conftest import approve_when_asked, ANSWERS, run_spec, spec_id, until, wait_for_questions
 
 
 async def test_spec_runs_through_all_five_roles(relay, model_server, registry):
@@ -17,7 +17,8 @@ async def test_spec_runs_through_all_five_roles(relay, model_server, registry):
     st = await wait_for_questions(relay, sid)
     assert st.phase == Phase.waiting_for_answers
     assert [q.id for q in st.pending.questions] == ["q1", "q2"]
-    assert registry.find_session(sid, Role.clarifier).status == "waiting"
+    # The registry is told by an activity right after the phase changes, so await it.
+    await until(lambda: registry.find_session(sid, Role.clarifier).status == "waiting")
 
     ack = await relay.answer(sid, ANSWERS)
     assert ack.accepted == ["q1", "q2"]
