@@ -5,6 +5,12 @@ bootstrap `relay dev` uses), the scripted model speaking the Messages API over
 HTTP (so the anthropic SDK's own request and parsing code runs), and a SQLite
 registry file. Each test gets its own task queue and worker, and spec ids are
 unique, so tests never see each other's work.
+
+The registry runs on SQLite unless a test or module overrides the `backend`
+fixture with "postgresql" (e.g. `@pytest.mark.parametrize("backend", BACKENDS)`);
+then a throwaway PostgreSQL cluster from the Debian server package is started
+once for the session. Without that package the PostgreSQL cases are skipped,
+except under CI, where `.ci/run` installs it and its absence is a failure.
 """
 
 from __future__ import annotations
@@ -27,8 +33,15 @@ from relay.models import Limits, Phase, PipelineResult, Status
 from relay.registry import Registry
 from relay.scripted_model import ScriptedModel
 from relay.settings import RelaySettings
+from tests.postgres_server import PostgresServer, server_bin_dir
 from worker.devserver import DevServer
-from worker.main import SCRIPTED_MODEL, ModelEndpoint, build_worker, connect, ensure_search_attributes
+from worker.main import (
+    SCRIPTED_MODEL,
+    ModelEndpoint,
+    build_worker,
+    connect,
+    ensure_search_attributes,
+)
 
 ANSWERS = {"q1": "Developers on the team, from the command line.", "q2": "Its tests pass."}
 
@@ -63,14 +76,48 @@ def _fresh_model(model_server: ScriptedModel) -> None:
     model_server.reset()
 
 
+BACKENDS = ["sqlite", "postgresql"]
+
+
+@pytest.fixture
+def backend() -> str:
+    return "sqlite"
+
+
 @pytest.fixture(scope="session")
-def registry_url(data_dir: Path) -> str:
+def postgres() -> Iterator[PostgresServer]:
+    bin_dir = server_bin_dir()
+    if bin_dir is None:
+        message = "no PostgreSQL server installed (Debian package postgresql; .ci/run installs it)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    server = PostgresServer(bin_dir).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def registry_url(backend: str, data_dir: Path, request: pytest.FixtureRequest) -> str:
+    if backend == "postgresql":
+        return request.getfixturevalue("postgres").url
     return f"sqlite:///{data_dir / 'registry.db'}"
 
 
 @pytest.fixture(scope="session")
-def registry(registry_url: str) -> Registry:
-    return Registry.from_url(registry_url)
+def _registries() -> Iterator[dict[str, Registry]]:
+    opened: dict[str, Registry] = {}
+    yield opened
+    for registry in opened.values():
+        registry.engine.dispose()
+
+
+@pytest.fixture
+def registry(registry_url: str, _registries: dict[str, Registry]) -> Registry:
+    """One Registry per database for the session (its tables are created once)."""
+    if registry_url not in _registries:
+        _registries[registry_url] = Registry.from_url(registry_url)
+    return _registries[registry_url]
 
 
 @pytest.fixture

@@ -1,13 +1,24 @@
 """Record a full-run history into tests/histories/ (run from the repo root)."""
-import asyncio, sys, tempfile
+import asyncio
+import sys
+import tempfile
 from pathlib import Path
+
 import anthropic
+
 from relay.client import RelayClient
-from relay.settings import RelaySettings
 from relay.registry import Registry
 from relay.scripted_model import ScriptedModel
+from relay.settings import RelaySettings
 from worker.devserver import DevServer
-from worker.main import connect, build_worker, ensure_search_attributes, ModelEndpoint, SCRIPTED_MODEL
+from worker.main import (
+    SCRIPTED_MODEL,
+    ModelEndpoint,
+    build_worker,
+    connect,
+    ensure_search_attributes,
+)
+
 
 async def main(out: str):
     d = Path(tempfile.mkdtemp())

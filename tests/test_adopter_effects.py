@@ -12,8 +12,14 @@ from relay.client import SpecFailed
 from relay.effects import EffectRegistry
 from relay.ledger import Ledger
 from relay.models import HookEffect, Phase
-
-from tests.conftest import ANSWERS, RELAY_CMD, cli_env, spec_id, wait_for, wait_for_questions
+from tests.conftest import (
+    ANSWERS,
+    RELAY_CMD,
+    cli_env,
+    spec_id,
+    wait_for,
+    wait_for_questions,
+)
 
 
 async def start(relay, tracker: Path, *hooks: HookEffect) -> str:

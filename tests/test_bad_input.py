@@ -19,18 +19,32 @@ import pytest_asyncio
 from temporalio.client import Client, WorkflowExecutionStatus, WorkflowFailureError
 
 from relay.client import (
-    InvalidAnswer, InvalidRequest, RelayClient, RelayError, SpecAlreadyExists, SpecAlreadyRunning, SpecFailed,
-    SpecNotFound, SpecNotRunning, TemporalUnreachable,
+    InvalidAnswer,
+    InvalidRequest,
+    RelayClient,
+    RelayError,
+    SpecAlreadyExists,
+    SpecAlreadyRunning,
+    SpecFailed,
+    SpecNotFound,
+    SpecNotRunning,
+    TemporalUnreachable,
 )
 from relay.models import Phase
 from relay.scripted_model import Fault
-from worker.devserver import free_port
-from worker.main import SCRIPTED_MODEL, ModelEndpoint, build_worker
-
 from tests.conftest import (
-    ANSWERS, RELAY_CMD, approve_when_asked, cli_env, run_spec, spec_id, wait_for, wait_for_questions,
+    ANSWERS,
+    RELAY_CMD,
+    approve_when_asked,
+    cli_env,
+    run_spec,
+    spec_id,
+    wait_for,
+    wait_for_questions,
 )
 from tests.test_cli import cancel_and_wait, cli, ok, temporal_cli
+from worker.devserver import free_port
+from worker.main import SCRIPTED_MODEL, ModelEndpoint, build_worker
 
 FAST = 20.0  # seconds: every bad input is answered well within this
 FULL_RUN = 90.0  # seconds: a whole run of five agents, on a loaded 2-core machine

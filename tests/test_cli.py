@@ -15,11 +15,17 @@ import pytest
 
 from relay.client import SpecFailed
 from relay.models import ROLES, Phase, Role
-from worker.devserver import temporal_binary
-
 from tests.conftest import (
-    ANSWERS, RELAY_CMD, approve_when_asked, cli_env, make_repo, spec_id, wait_for, wait_for_questions,
+    ANSWERS,
+    RELAY_CMD,
+    approve_when_asked,
+    cli_env,
+    make_repo,
+    spec_id,
+    wait_for,
+    wait_for_questions,
 )
+from worker.devserver import temporal_binary
 
 
 async def cli(settings, *args: str, timeout: float = 60.0,

@@ -13,12 +13,20 @@ import signal
 from collections import Counter
 from pathlib import Path
 
+import pytest
+
 from relay.client import RelayClient
 from relay.models import Role
 from relay.scripted_model import Fault
-
 from tests.conftest import (
-    ANSWERS, RELAY_CMD, approve_when_asked, cli_env, spec_id, until, wait_for_questions,
+    ANSWERS,
+    BACKENDS,
+    RELAY_CMD,
+    approve_when_asked,
+    cli_env,
+    spec_id,
+    until,
+    wait_for_questions,
 )
 
 
@@ -33,6 +41,7 @@ async def kill(proc: asyncio.subprocess.Process) -> None:
     await proc.wait()
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 async def test_spec_survives_sigkilled_workers(client, settings, registry, model_server, tmp_path):
     """Kill the worker while the spec waits for a human and again mid model call; it completes."""
     rc = RelayClient(client, settings, registry)

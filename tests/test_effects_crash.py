@@ -13,11 +13,20 @@ import signal
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from relay.client import RelayClient
 from relay.ledger import Ledger
 from relay.models import Phase
-
-from tests.conftest import ANSWERS, RELAY_CMD, cli_env, spec_id, wait_for, wait_for_questions
+from tests.conftest import (
+    ANSWERS,
+    BACKENDS,
+    RELAY_CMD,
+    cli_env,
+    spec_id,
+    wait_for,
+    wait_for_questions,
+)
 
 
 async def worker(settings, log: Path, failpoints: str = "") -> asyncio.subprocess.Process:
@@ -39,6 +48,7 @@ def relay_commits(repo: Path, branch: str) -> list[str]:
     return [line for line in log.splitlines() if line.startswith("Relay-Effect:")]
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 async def test_effects_and_compensations_happen_once_across_kills(client, settings, registry,
                                                                    model_server, tmp_path, data_dir):
     rc = RelayClient(client, settings, registry)

@@ -9,8 +9,14 @@ import pytest
 from relay.client import SpecFailed
 from relay.models import Phase
 from relay.scripted_model import Fault
-
-from tests.conftest import approve_when_asked, ANSWERS, run_spec, spec_id, wait_for, wait_for_questions
+from tests.conftest import (
+    ANSWERS,
+    approve_when_asked,
+    run_spec,
+    spec_id,
+    wait_for,
+    wait_for_questions,
+)
 
 
 async def test_rate_limit_is_retried_after_the_providers_delay(relay, model_server, registry):

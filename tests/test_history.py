@@ -13,7 +13,6 @@ import pytest
 from relay.client import SpecFailed
 from relay.models import ROLES, Phase
 from relay.scripted_model import Fault
-
 from tests.conftest import approve_when_asked, run_spec, spec_id, wait_for
 
 

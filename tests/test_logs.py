@@ -6,8 +6,14 @@ import asyncio
 import json
 
 from relay.client import RelayClient
-
-from tests.conftest import approve_when_asked, ANSWERS, RELAY_CMD, cli_env, spec_id, wait_for_questions
+from tests.conftest import (
+    ANSWERS,
+    RELAY_CMD,
+    approve_when_asked,
+    cli_env,
+    spec_id,
+    wait_for_questions,
+)
 
 SECRET = "sk-ant-api03-test-secret-value-0123456789"
 

@@ -4,13 +4,22 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
 from temporalio.api.sdk.v1 import WorkflowMetadata
 
 from relay.models import ROLES, Phase, Role
+from tests.conftest import (
+    ANSWERS,
+    BACKENDS,
+    approve_when_asked,
+    run_spec,
+    spec_id,
+    until,
+    wait_for_questions,
+)
 
-from tests.conftest import approve_when_asked, ANSWERS, run_spec, spec_id, until, wait_for_questions
 
-
+@pytest.mark.parametrize("backend", BACKENDS)
 async def test_spec_runs_through_all_five_roles(relay, model_server, registry):
     """Clarifier asks, the answers resume it, the auditor rejects once, the validator approves."""
     sid = await relay.run("Write a greeting module", spec_id=spec_id())

@@ -15,8 +15,13 @@ from activities import AgentTurnActivities
 from relay.models import AgentTurnInput, Role, TokenUsage
 from relay.registry import AgentSession, Registry, session_name
 from relay.scripted_model import Fault
+from tests.conftest import BACKENDS, SCRIPTED_MODEL, model_endpoint_for, spec_id
 
-from tests.conftest import SCRIPTED_MODEL, model_endpoint_for, spec_id
+
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest) -> str:
+    """Every registry behaviour holds on SQLite (the default) and PostgreSQL (production)."""
+    return request.param
 
 
 def _exchange(registry: Registry, session_id: str, turn: int, step: int = 0) -> bool:

@@ -14,9 +14,8 @@ from temporalio.client import WorkflowHistory
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.worker import Replayer
 
-from workflows.pipeline import SpecPipeline
-
 from tests.conftest import run_spec
+from workflows.pipeline import SpecPipeline
 
 HISTORIES = Path(__file__).parent / "histories"
 

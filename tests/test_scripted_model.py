@@ -18,7 +18,15 @@ import pytest
 import pytest_asyncio
 from pydantic import ValidationError
 
-from relay.models import OUTPUT_MODELS, OUTPUT_TOOLS, ROLES, Audit, Clarification, Plan, Role
+from relay.models import (
+    OUTPUT_MODELS,
+    OUTPUT_TOOLS,
+    ROLES,
+    Audit,
+    Clarification,
+    Plan,
+    Role,
+)
 from relay.scripted_model import Fault, RecordedRequest, ScriptedModel
 
 REQUEST = "Add a CSV export to the reports page!"

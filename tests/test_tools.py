@@ -14,7 +14,6 @@ from activities.tools import ROLE_TOOLS, ToolBox
 from relay.client import SpecFailed
 from relay.ledger import EffectConflict, Ledger
 from relay.models import Role, WorkspaceRef
-
 from tests.conftest import ANSWERS, approve_when_asked, spec_id, wait_for_questions
 
 

@@ -14,9 +14,16 @@ import pytest
 from relay.client import SpecFailed
 from relay.ledger import Ledger
 from relay.models import Phase, WorkspaceInput
-
 from tests.conftest import (
-    ANSWERS, approve_when_asked, git, run_spec, snapshot, spec_id, wait_for, wait_for_questions,
+    ANSWERS,
+    BACKENDS,
+    approve_when_asked,
+    git,
+    run_spec,
+    snapshot,
+    spec_id,
+    wait_for,
+    wait_for_questions,
 )
 
 CHECK = "python -m unittest -v"
@@ -36,6 +43,7 @@ async def start(relay, request: str, repo: Path | None, **options) -> str:
 
 
 class TestDelivery:
+    @pytest.mark.parametrize("backend", BACKENDS)
     async def test_built_on_a_branch_checked_for_real_and_merged_after_approval(
             self, relay, registry, user_repo, model_server, data_dir):
         """Files land on relay/<spec> in a separate worktree; the checks really run; the
@@ -104,6 +112,7 @@ class TestRollback:
         rows = Ledger(registry).effects(sid)
         assert rows and all(r.status == "compensated" for r in rows)
 
+    @pytest.mark.parametrize("backend", BACKENDS)
     async def test_final_validator_rejection_compensates_in_reverse_order(
             self, relay, registry, user_repo, settings):
         """Out of fix rounds: every effect is undone newest first and the repo is as it was."""
@@ -127,6 +136,7 @@ class TestRollback:
         assert result.outcome == "rejected" and result.decision.reason == "not this week"
         await self.assert_restored(relay, registry, sid, user_repo, before)
 
+    @pytest.mark.parametrize("backend", BACKENDS)
     async def test_cancel_compensates(self, relay, registry, user_repo):
         """`relay cancel` while waiting for approval rolls the run back before it ends."""
         before = snapshot(user_repo)

@@ -14,9 +14,15 @@ from relay.client import SpecFailed
 from relay.ledger import EffectConflict, Ledger
 from relay.models import Role, WorkspaceInput
 from relay.scripted_model import Fault
-
 from tests.conftest import (
-    ANSWERS, approve_when_asked, git, make_repo, snapshot, spec_id, wait_for, wait_for_questions,
+    ANSWERS,
+    approve_when_asked,
+    git,
+    make_repo,
+    snapshot,
+    spec_id,
+    wait_for,
+    wait_for_questions,
 )
 from tests.test_tools import toolbox
 from tests.test_workspace import start, waiting_for_approval
