@@ -13,6 +13,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+from activities.checks import run_check
 from relay.effects import EffectContext, EffectFailed, EffectRegistry, Payload
 
 git_effects = EffectRegistry()
@@ -254,6 +255,9 @@ def _undo_commit(ctx: EffectContext, p: Payload, undo: Payload | None, result: P
 
 @git_effects.effect("git.deliver", reversible=False)
 def deliver(ctx: EffectContext, p: Payload) -> Payload:
+    """Merge the branch into the target. If the target moved since the branch was cut from
+    `base`, what the validator checked is not what would land: the merge is built aside and
+    the check command re-run on it first, and a failing merge is not delivered."""
     repo, branch, target = p["repo"], p["branch"], p["target"]
     head = git("rev-parse", f"refs/heads/{branch}", cwd=repo)
     if subprocess.run(["git", "merge-base", "--is-ancestor", head, target], cwd=repo).returncode == 0:
@@ -267,27 +271,62 @@ def deliver(ctx: EffectContext, p: Payload) -> Payload:
         if git("status", "--porcelain", "--untracked-files=no", cwd=repo):
             raise GitError(f"the checkout {repo} has uncommitted changes on {target}; commit or "
                            "stash them first")
-        try:
-            git("merge", "--no-ff", "--no-verify", "-q", "-m", message, branch, cwd=repo)
-        except GitError:
-            git("merge", "--abort", cwd=repo, check=False)  # ours: none was in progress before
-            raise
-    else:  # merge in a scratch worktree, then move the target only if nobody moved it meanwhile
-        scratch = str(ctx.data_dir / "deliver" / ctx.key)
-        if is_worktree(repo, scratch):
-            git("worktree", "remove", "--force", scratch, cwd=repo)
-        if Path(scratch).exists():
-            shutil.rmtree(scratch)
-        git("worktree", "prune", cwd=repo)
-        old = git("rev-parse", f"refs/heads/{target}", cwd=repo)
-        git("worktree", "add", "-q", "--detach", scratch, old, cwd=repo)
+    old = git("rev-parse", f"refs/heads/{target}", cwd=repo)
+    moved = bool(p.get("base")) and old != p["base"]
+    recheck: Payload | None = None
+    # The merge is made in a scratch worktree, then the target moves to it only if nobody
+    # moved the target meanwhile (update-ref with the old value, or a fast-forward).
+    scratch = str(ctx.data_dir / "deliver" / ctx.key)
+    if is_worktree(repo, scratch):
+        git("worktree", "remove", "--force", scratch, cwd=repo)
+    if Path(scratch).exists():
+        shutil.rmtree(scratch)
+    git("worktree", "prune", cwd=repo)
+    git("worktree", "add", "-q", "--detach", scratch, old, cwd=repo)
+    try:
         try:
             git("merge", "--no-ff", "--no-verify", "-q", "-m", message, branch, cwd=scratch)
-            git("update-ref", f"refs/heads/{target}", git("rev-parse", "HEAD", cwd=scratch), old,
-                cwd=repo)
-        finally:
-            git("worktree", "remove", "--force", scratch, cwd=repo, check=False)
-    return {"target": target, "commit": git("rev-parse", target, cwd=repo), "merged": head}
+        except GitError as err:
+            if not moved:
+                raise
+            raise GitError(f"{target} moved since the change was built and no longer merges "
+                           f"cleanly ({err}); run 'relay iterate {ctx.spec_id}' to rebuild it "
+                           "on the new target") from None
+        if moved and p.get("check"):
+            run = run_check(p["check"], scratch, float(p.get("check_timeout_s") or 300))
+            recheck = {"base": p["base"], "target_was": old, "command": run.command,
+                       "exit_code": run.exit_code}
+            if not run.passed:
+                raise DeliveryRefused(
+                    f"{target} moved since validation ({p['base'][:10]} -> {old[:10]}) and the "
+                    f"merged result fails its check: {run.report().splitlines()[1]}; "
+                    f"{_last_line(run.output)}; nothing was merged; run 'relay iterate "
+                    f"{ctx.spec_id}' to rebuild it on the new target")
+        merged = git("rev-parse", "HEAD", cwd=scratch)
+        if checked_out == target:
+            git("merge", "--ff-only", "-q", merged, cwd=repo)
+        else:
+            git("update-ref", f"refs/heads/{target}", merged, old, cwd=repo)
+    finally:
+        git("worktree", "remove", "--force", scratch, cwd=repo, check=False)
+    result: Payload = {"target": target, "commit": git("rev-parse", target, cwd=repo),
+                       "merged": head}
+    if moved:
+        result["target_moved"] = True
+        if recheck is not None:
+            result["recheck"] = recheck
+    return result
+
+
+class DeliveryRefused(EffectFailed):
+    """The merged result did not pass the checks; delivering it would land untested code."""
+
+    retryable = False
+
+
+def _last_line(text: str) -> str:
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[-1][:200] if lines else "(no output)"
 
 
 @git_effects.effect("git.cleanup", reversible=False)

@@ -10,20 +10,17 @@ Writes go through the effects ledger (idempotent, compensable).
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from activities.checks import run_check
 from activities.effects import EffectExecutor
 from relay.models import Role, WorkspaceRef
 
 MAX_READ_BYTES = 64_000
 MAX_LIST = 500
 MAX_MATCHES = 200
-MAX_CHECK_OUTPUT = 12_000
 
 READ_ONLY = ("list_files", "read_file", "search_text")
 ROLE_TOOLS: dict[Role, tuple[str, ...]] = {
@@ -215,34 +212,5 @@ class ToolBox:
         command = self.workspace.check
         if not command:
             return ToolOutcome("no check command is configured for this workspace")
-        env = {**check_environment(),
-               "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-               "PYTHONDONTWRITEBYTECODE": "1"}
-        proc = subprocess.Popen(command, shell=True, cwd=self.workspace.worktree, env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
-        try:
-            out, _ = proc.communicate(timeout=self.check_timeout_s)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            out, _ = proc.communicate()
-            return ToolOutcome(f"$ {command}\ntimed out after {self.check_timeout_s:g}s\n"
-                               + _tail(out), is_error=True)
-        return ToolOutcome(f"$ {command}\nexit code: {proc.returncode}\n" + _tail(out))
-
-
-_SECRET_NAMES = ("KEY", "TOKEN", "SECRET", "PASSWORD", "CREDENTIAL")
-
-
-def check_environment() -> dict[str, str]:
-    """The worker's environment minus its secrets: checks run code the model wrote."""
-    return {name: value for name, value in os.environ.items()
-            if not name.startswith(("ANTHROPIC_", "RELAY_"))
-            and not any(word in name.upper() for word in _SECRET_NAMES)}
-
-
-def _tail(raw: bytes) -> str:
-    text = raw.decode("utf-8", errors="replace")
-    if len(text) > MAX_CHECK_OUTPUT:
-        return f"... ({len(text) - MAX_CHECK_OUTPUT} characters cut)\n" + text[-MAX_CHECK_OUTPUT:]
-    return text
+        run = run_check(command, self.workspace.worktree, self.check_timeout_s)
+        return ToolOutcome(run.report(), is_error=run.exit_code is None)

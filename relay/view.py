@@ -103,6 +103,9 @@ def print_result(console: Console, res: PipelineResult) -> None:
     if res.delivery:
         console.print(Text(f"delivered: {res.branch} merged into {res.delivery.get('target')} "
                            f"at {str(res.delivery.get('commit'))[:12]}"), soft_wrap=True)
+        if recheck := res.delivery.get("recheck"):
+            console.print(Text(f"{res.delivery.get('target')} had moved since validation: "
+                               f"`{recheck['command']}` re-run on the merge passed"), soft_wrap=True)
     if res.compensated:
         console.print(Text(f"compensated {len(res.compensated)} effect(s): the workspace is "
                            "as it was"), soft_wrap=True)

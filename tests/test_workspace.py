@@ -25,6 +25,7 @@ from tests.conftest import (
     wait_for,
     wait_for_questions,
 )
+from tests.test_cli import cli
 
 CHECK = "python -m unittest -v"
 
@@ -103,6 +104,75 @@ class TestDelivery:
         assert result.outcome == "delivered"
         assert (repo / "greeting.py").is_file()
         assert git(repo, "branch", "--format=%(refname:short)") == "main"
+
+
+def commit_on(repo: Path, files: dict[str, str], message: str) -> str:
+    """Someone else's commit on the user's main while the spec waits for approval."""
+    for name, content in files.items():
+        (repo / name).write_text(content)
+    git(repo, "add", "-A")
+    git(repo, "-c", "user.name=colleague", "-c", "user.email=c@x", "commit", "-q", "-m", message)
+    return git(repo, "rev-parse", "main")
+
+
+class TestTargetMovedBeforeDelivery:
+    """What the validator checked was the branch on the old main; if main moved while the spec
+    waited for approval, the merge is checked again before it lands, and refused if it fails."""
+
+    async def test_a_merge_that_passes_its_check_again_is_delivered(self, relay, user_repo,
+                                                                     settings):
+        sid = await start(relay, "Write a greeting module", user_repo)
+        st = await waiting_for_approval(relay, sid)
+        assert st.phase == Phase.waiting_for_approval, st.error
+        theirs = commit_on(user_repo, {"NOTES.md": "unrelated\n"}, "notes")
+
+        await relay.approve(sid)
+        result = await relay.result(sid)
+        assert result.outcome == "delivered"
+        assert result.delivery["target_moved"] is True
+        assert result.delivery["recheck"] == {"base": st.workspace.base, "target_was": theirs,
+                                              "command": CHECK, "exit_code": 0}
+        assert git(user_repo, "rev-parse", "main^1") == theirs  # the merge sits on their commit
+        assert (user_repo / "NOTES.md").is_file() and (user_repo / "greeting.py").is_file()
+        assert git(user_repo, "status", "--porcelain") == ""
+        code, out, _ = await cli(settings, "result", sid)
+        assert code == 0 and f"main had moved since validation: `{CHECK}` re-run on the merge passed" in out
+
+    async def test_a_merge_that_fails_its_check_is_not_delivered(self, relay, registry, user_repo):
+        sid = await start(relay, "Write a greeting module", user_repo)
+        await waiting_for_approval(relay, sid)
+        theirs = commit_on(user_repo, {"test_policy.py": (
+            "import unittest\n\n\nclass Policy(unittest.TestCase):\n"
+            "    def test_no_greetings(self):\n"
+            "        import os\n        self.assertFalse(os.path.exists('greeting.py'))\n")},
+            "forbid greetings")
+
+        await relay.approve(sid)
+        with pytest.raises(SpecFailed, match=(
+                r"effect git.deliver failed: main moved since validation \(\w+ -> \w+\) and the "
+                r"merged result fails its check: exit code: 1; FAILED \(failures=1\); nothing was "
+                rf"merged; run 'relay iterate {sid}' to rebuild it on the new target")):
+            await relay.result(sid)
+        assert git(user_repo, "rev-parse", "main") == theirs
+        assert git(user_repo, "status", "--porcelain") == ""
+        # the branch and its worktree are rolled back
+        assert git(user_repo, "branch", "--format=%(refname:short)") == "main"
+        assert len(git(user_repo, "worktree", "list").splitlines()) == 1
+        rows = {r.effect: r.status for r in Ledger(registry).effects(sid)}
+        assert rows.pop("git.deliver") == "failed"
+        assert set(rows.values()) == {"compensated"}
+
+    async def test_a_merge_that_conflicts_is_not_delivered(self, relay, user_repo):
+        sid = await start(relay, "Write a greeting module", user_repo)
+        await waiting_for_approval(relay, sid)
+        theirs = commit_on(user_repo, {"greeting.py": "GREETING = 'hello'\n"}, "their greeting")
+
+        await relay.approve(sid)
+        with pytest.raises(SpecFailed, match="main moved since the change was built and no "
+                                             "longer merges cleanly"):
+            await relay.result(sid)
+        assert git(user_repo, "rev-parse", "main") == theirs
+        assert git(user_repo, "status", "--porcelain") == ""
 
 
 class TestRollback:

@@ -306,13 +306,16 @@ class SpecPipeline:
                        f"round {round_no}: {summary}"[:200]})
 
     async def _effect(self, step: str, effect: str, payload: dict[str, Any], *,
-                      reversible_only: bool = False, irreversible: bool = False) -> EffectResult:
+                      reversible_only: bool = False, irreversible: bool = False,
+                      start_to_close: timedelta | None = None) -> EffectResult:
         """Run one effect through the ledger. Irreversible steps retry a crashed attempt many
         more times (a half-known merge must be finished, not compensated); an effect's own
         non-retryable failure still ends them at once."""
         attempts = max(20, self._limits.effect_max_attempts) if irreversible else (
             self._limits.effect_max_attempts)
         options = self._effect_options()
+        if start_to_close is not None:
+            options["start_to_close_timeout"] = start_to_close
         options["retry_policy"] = RetryPolicy(initial_interval=timedelta(milliseconds=500),
                                               maximum_interval=timedelta(seconds=30),
                                               maximum_attempts=attempts)
@@ -361,9 +364,13 @@ class SpecPipeline:
         ws = self._status.workspace
         assert ws is not None
         self._set_phase(Phase.delivering, None)
+        # base and check let delivery re-check the merge if the target moved after validation
         merge = asyncio.ensure_future(self._effect(
-            "deliver", "git.deliver", {"repo": ws.repo, "branch": ws.branch, "target": ws.target},
-            irreversible=True))
+            "deliver", "git.deliver", {"repo": ws.repo, "branch": ws.branch, "target": ws.target,
+                                       "base": ws.base, "check": ws.check,
+                                       "check_timeout_s": self._limits.check_timeout_s},
+            irreversible=True,
+            start_to_close=timedelta(seconds=self._limits.check_timeout_s + 300)))
         try:
             delivered = await asyncio.shield(merge)
         except asyncio.CancelledError:
