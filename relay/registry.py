@@ -130,13 +130,14 @@ class Registry:
     @classmethod
     def from_url(cls, url: str) -> Registry:
         registry = cls(make_engine(url))
-        registry.create_tables()
+        registry.upgrade_schema()
         return registry
 
-    def create_tables(self) -> None:
-        import relay.ledger  # noqa: F401  (its table belongs to the same schema)
+    def upgrade_schema(self) -> None:
+        """Bring the schema to the newest migration (creating it in an empty database)."""
+        from relay.schema import migrate
 
-        SQLModel.metadata.create_all(self.engine)
+        migrate(self.engine)
 
     # --- specs ------------------------------------------------------------------
 

@@ -77,6 +77,13 @@ class PostgresServer:
                     raise RuntimeError(f"PostgreSQL did not start: {self.log_tail()}") from None
                 time.sleep(0.1)
 
+    def new_database(self, name: str) -> str:
+        """A fresh, empty database on this cluster; returns its URL."""
+        with psycopg.connect(host="127.0.0.1", port=self.port, user=USER, dbname="postgres",
+                             autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+        return f"postgresql+psycopg://{USER}@127.0.0.1:{self.port}/{name}"
+
     def log_tail(self) -> str:
         path = self.root / "postgres.log"
         return path.read_text(errors="replace")[-2000:] if path.exists() else "(no log)"

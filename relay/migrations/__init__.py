@@ -1,0 +1,1 @@
+"""Alembic migrations of the registry schema (specs, sessions, messages, effects ledger)."""
