@@ -3,7 +3,8 @@
 The turn is idempotent on (session, turn number): each model exchange is
 recorded atomically after the model answers, and an attempt that finds an
 exchange already recorded uses it instead of calling (and paying for) the
-model again. An output that fails validation gets one repair exchange in the
+model again. Two attempts alive at once (a retry while a timed-out attempt
+still works) never both pay: the turn is leased to one of them. An output that fails validation gets one repair exchange in the
 same session, with the validation error shown to the model.
 """
 
@@ -23,9 +24,17 @@ from activities.effects import EffectExecutor
 from activities.heartbeat import finish_first, with_heartbeat
 from activities.model_errors import to_temporal_error
 from activities.tools import ToolBox, ToolRefused, tool_definitions
+from activities.turn_lease import TurnLease
 from relay import prompts
-from relay.models import OUTPUT_MODELS, OUTPUT_TOOLS, AgentTurnInput, AgentTurnResult, Role, TokenUsage
-from relay.registry import Registry, SessionMessage
+from relay.models import (
+    OUTPUT_MODELS,
+    OUTPUT_TOOLS,
+    AgentTurnInput,
+    AgentTurnResult,
+    Role,
+    TokenUsage,
+)
+from relay.registry import AgentSession, Registry, SessionMessage
 
 log = structlog.get_logger("relay.agent_turn")
 
@@ -141,9 +150,21 @@ class AgentTurnActivities:
             text = prompt.render(inp.kind, inp.variables)
         except KeyError as exc:
             raise ApplicationError(str(exc), type="InvalidTurnInput", non_retryable=True) from None
-        session, created, history = await asyncio.to_thread(
-            self.registry.begin_turn, inp.spec_id, inp.role, inp.turn)
+        lease = TurnLease.for_this_attempt(self.registry)
+        session, created, history, lease.held = await asyncio.to_thread(
+            self.registry.begin_turn, inp.spec_id, inp.role, inp.turn, lease.owner, lease.ttl_s)
         structlog.contextvars.bind_contextvars(session_id=session.id)
+        async with lease.hold(session.id) as waited:
+            if waited:  # the other attempt recorded some steps, or all of them, meanwhile
+                session, created, history, _ = await asyncio.to_thread(
+                    self.registry.begin_turn, inp.spec_id, inp.role, inp.turn, lease.owner,
+                    lease.ttl_s)
+            return await self._steps(inp, prompt, text, session, created, history, lease)
+
+    async def _steps(self, inp: AgentTurnInput, prompt: prompts.RolePrompt, text: str,
+                     session: AgentSession, created: bool, history: list[SessionMessage],
+                     lease: TurnLease) -> AgentTurnResult:
+        """The turn's tool loop: recorded exchanges are reused, new ones paid for and recorded."""
         before = [m for m in history if m.turn < inp.turn]
         recorded = {(m.step, m.role): m for m in history if m.turn == inp.turn}
         log.info("agent_turn.start", scenario="A" if created else "B", history=len(before))
@@ -171,7 +192,9 @@ class AgentTurnActivities:
                         False if exchange.error is not None else None),
                     prompt_version=prompt.version, source=exchange.source, trust=exchange.trust,
                     status="idle" if exchange.output is not None else None,
+                    release_lease=lease.owner if exchange.output is not None else None,
                 )
+                lease.released = stored and exchange.output is not None
                 if not stored:  # a concurrent attempt recorded this exchange first: use theirs
                     fresh = await asyncio.to_thread(self.registry.messages, session.id)
                     recorded = {(m.step, m.role): m for m in fresh if m.turn == inp.turn}

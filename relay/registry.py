@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import hashlib
 import uuid
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from sqlalchemy import JSON, Column, UniqueConstraint, event, func
+from sqlalchemy import JSON, Column, UniqueConstraint, event, func, or_, update
 from sqlalchemy.engine import Engine
+from sqlalchemy.sql.dml import Update
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Field, Session, SQLModel, create_engine, select
 
@@ -59,6 +60,8 @@ class AgentSession(SQLModel, table=True):
     cache_read_tokens: int = 0
     cache_write_tokens: int = 0
     prompt_version: str | None = None
+    lease_owner: str | None = None  # the activity attempt now working on this session's turn
+    lease_until: datetime | None = None
     created_at: datetime = Field(default_factory=utcnow)
     updated_at: datetime = Field(default_factory=utcnow)
 
@@ -121,6 +124,23 @@ def make_engine(url: str) -> Engine:
 
         return engine
     return create_engine(url, pool_pre_ping=True)
+
+
+def _claim(session_id: str, owner: str, ttl_s: float) -> Update:
+    now = utcnow()
+    return (update(AgentSession)
+            .where(AgentSession.id == session_id,  # type: ignore[arg-type]
+                   or_(AgentSession.lease_owner.is_(None),  # type: ignore[union-attr]
+                       AgentSession.lease_owner == owner,
+                       AgentSession.lease_until < now))  # type: ignore[operator]
+            .values(lease_owner=owner, lease_until=now + timedelta(seconds=ttl_s)))
+
+
+def _release(session_id: str, owner: str) -> Update:
+    return (update(AgentSession)
+            .where(AgentSession.id == session_id,  # type: ignore[arg-type]
+                   AgentSession.lease_owner == owner)
+            .values(lease_owner=None, lease_until=None))
 
 
 class Registry:
@@ -225,16 +245,19 @@ class Registry:
             assert found is not None
             return found, False
 
-    def begin_turn(self, spec_id: str, role: Role | str,
-                   turn: int) -> tuple[AgentSession, bool, list[SessionMessage]]:
+    def begin_turn(self, spec_id: str, role: Role | str, turn: int, lease_owner: str,
+                   lease_ttl_s: float) -> tuple[AgentSession, bool, list[SessionMessage], bool]:
         """Everything an agent turn needs, in one transaction: its session (found or created),
-        the session's whole history, and the session marked running unless the turn is recorded."""
+        the session's whole history, the session marked running unless the turn is recorded,
+        and whether the turn's lease (see claim_turn) was taken for `lease_owner`."""
         created = False
         for _ in range(2):
             with Session(self.engine, expire_on_commit=False) as db:
                 session = db.exec(select(AgentSession).where(
                     AgentSession.spec_id == spec_id, AgentSession.role == Role(role).value)).first()
                 if session is not None:
+                    leased = db.connection().execute(
+                        _claim(session.id, lease_owner, lease_ttl_s)).rowcount == 1
                     history = list(db.exec(
                         select(SessionMessage).where(SessionMessage.session_id == session.id)
                         .order_by(SessionMessage.seq)  # type: ignore[arg-type]
@@ -242,10 +265,21 @@ class Registry:
                     if not any(m.turn == turn for m in history) and session.status != "running":
                         session.status, session.updated_at = "running", utcnow()
                         db.add(session)
-                        db.commit()
-                    return session, created, history
+                    db.commit()
+                    return session, created, history, leased
             _, created = self.resolve_session(spec_id, role)  # scenario A: create, then read it
         raise RuntimeError(f"session of {spec_id}/{Role(role).value} vanished")
+
+    def claim_turn(self, session_id: str, owner: str, ttl_s: float) -> bool:
+        """Lease the session to one activity attempt, so two live attempts of a turn never
+        both pay for its model calls (claiming again renews it). Free, lapsed or already
+        ours: taken; held by another live attempt: False."""
+        with self.engine.begin() as conn:
+            return conn.execute(_claim(session_id, owner, ttl_s)).rowcount == 1
+
+    def release_turn(self, session_id: str, owner: str) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(_release(session_id, owner))
 
     def sessions(self, spec_id: str) -> list[AgentSession]:
         order = {r.value: i for i, r in enumerate(ROLES)}
@@ -293,8 +327,10 @@ class Registry:
         source: str = "primary",
         trust: str = "full",
         status: str | None = None,
+        release_lease: str | None = None,
     ) -> bool:
-        """Append one model exchange (the user message and the answer) atomically.
+        """Append one model exchange (the user message and the answer) atomically; with
+        `release_lease`, the turn's lease held by that owner ends in the same transaction.
 
         Returns False when this (turn, step) is already recorded — a duplicate
         attempt lost the race and must use the recorded exchange instead.
@@ -330,6 +366,9 @@ class Registry:
                     session.status = status
                 session.updated_at = utcnow()
                 db.add(session)
+                db.flush()
+                if release_lease is not None:
+                    db.connection().execute(_release(session_id, release_lease))
                 db.commit()
                 return True
         except IntegrityError:

@@ -49,6 +49,7 @@ async def test_spec_runs_through_all_five_roles(relay, model_server, registry):
     sessions = registry.sessions(sid)
     assert [s.role for s in sessions] == [r.value for r in ROLES]
     assert all(s.status == "done" for s in sessions)
+    assert all(s.lease_owner is None for s in sessions)  # every turn ended its lease
     assert {s.role: s.turns for s in sessions} == {
         "clarifier": 2, "planner": 2, "auditor": 2, "constructor": 1, "validator": 1}
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import re
 from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
 
 import pytest
 from sqlalchemy.exc import IntegrityError
@@ -32,6 +34,14 @@ def _exchange(registry: Registry, session_id: str, turn: int, step: int = 0) -> 
                             "input": {"summary": "s", "steps": ["a"]}}],
         model=SCRIPTED_MODEL, usage=TokenUsage(input_tokens=10, output_tokens=2), valid=True,
         error=None, prompt_version="planner@test")
+
+
+def attempt(number: int) -> ActivityEnvironment:
+    """An activity environment posing as attempt `number` of the same activity."""
+    env = ActivityEnvironment()
+    env.info = dataclasses.replace(env.info, attempt=number,
+                                   heartbeat_timeout=timedelta(seconds=5))
+    return env
 
 
 class TestUniqueness:
@@ -115,16 +125,41 @@ class TestIdempotentTurns:
         assert again.usage == TokenUsage()  # nothing new was paid for
 
     async def test_concurrent_attempts_record_one_exchange(self, registry, model_server):
-        """Two attempts of one turn racing (a timed-out attempt still running): one exchange kept."""
+        """Two attempts of one turn racing (a timed-out attempt still running): one pays for the
+        model call and records the exchange; the other waits for it and reuses it."""
         model_server.add_fault(Fault(kind="slow", delay_s=0.3, count=2))
         acts = AgentTurnActivities(registry, model_endpoint_for(model_server).client, SCRIPTED_MODEL)
         inp = AgentTurnInput(spec_id=spec_id(), role=Role.auditor, turn=1, kind="audit",
                              variables={"spec": "Greet people", "plan": "1. greet"})
-        a, b = await asyncio.gather(ActivityEnvironment().run(acts.agent_turn, inp),
-                                    ActivityEnvironment().run(acts.agent_turn, inp))
+        a, b = await asyncio.gather(attempt(1).run(acts.agent_turn, inp),
+                                    attempt(2).run(acts.agent_turn, inp))
         assert a.output == b.output and a.session_id == b.session_id
+        assert len(model_server.recorded()) == 1
+        assert sorted([a.replayed, b.replayed]) == [False, True]
+        assert b.usage == TokenUsage() or a.usage == TokenUsage()
         messages = registry.messages(a.session_id)
         assert [(m.turn, m.role) for m in messages] == [(1, "user"), (1, "assistant")]
         session = registry.find_session(inp.spec_id, Role.auditor)
         # only the recorded exchange is counted in the session's usage
         assert session.input_tokens == messages[1].input_tokens
+
+
+class TestTurnLease:
+    """One activity attempt at a time works on a session's turn."""
+
+    def test_a_held_lease_is_refused_to_another_attempt_until_released(self, registry):
+        session, _ = registry.resolve_session(spec_id(), Role.planner)
+        assert registry.claim_turn(session.id, "attempt-1", 30)
+        assert not registry.claim_turn(session.id, "attempt-2", 30)
+        assert registry.claim_turn(session.id, "attempt-1", 30)  # renewing
+        registry.release_turn(session.id, "attempt-2")  # not theirs: no effect
+        assert not registry.claim_turn(session.id, "attempt-2", 30)
+        registry.release_turn(session.id, "attempt-1")
+        assert registry.claim_turn(session.id, "attempt-2", 30)
+
+    def test_a_lapsed_lease_can_be_taken(self, registry):
+        """The holder died: once its lease lapses, a new attempt takes it."""
+        session, _ = registry.resolve_session(spec_id(), Role.auditor)
+        assert registry.claim_turn(session.id, "dead-attempt", 0)
+        assert registry.claim_turn(session.id, "attempt-2", 30)
+        assert registry.find_session(session.spec_id, Role.auditor).lease_owner == "attempt-2"

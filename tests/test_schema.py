@@ -11,14 +11,15 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import text
 from sqlmodel import Session, SQLModel
 
 from relay.models import Role
-from relay.registry import Registry, make_engine
-from relay.schema import BASELINE, current, head
+from relay.registry import Registry, make_engine, utcnow
+from relay.schema import BASELINE, _config, current, head
 from tests.conftest import BACKENDS, spec_id
 
 
@@ -42,17 +43,29 @@ def test_a_database_from_before_migrations_is_adopted_with_its_rows(empty_url):
     """relay created its tables with create_all before it had migrations; such a registry is
     stamped, not rebuilt."""
     engine = make_engine(empty_url)
-    SQLModel.metadata.create_all(engine)
-    old = Registry(engine)
+    with engine.begin() as conn:  # the tables as create_all made them then, and no version
+        config = _config(conn)
+        command.upgrade(config, BASELINE)
+        conn.execute(text("DROP TABLE alembic_version"))
     sid = spec_id()
-    old.open_spec(sid, "run-1", "Write a greeting module", iterate=False)
-    session, _ = old.resolve_session(sid, Role.planner)
+    with engine.begin() as conn:  # rows written by that relay, through its columns only
+        conn.execute(text(
+            "INSERT INTO relay_spec (spec_id, request, iteration, last_run_id, status, created_at,"
+            " updated_at) VALUES (:sid, 'Write a greeting module', 1, 'run-1', 'completed',"
+            " :now, :now)"), {"sid": sid, "now": utcnow()})
+        conn.execute(text(
+            "INSERT INTO relay_agent_session (id, spec_id, role, name, status, turns,"
+            " input_tokens, output_tokens, cache_read_tokens, cache_write_tokens, created_at,"
+            " updated_at) VALUES ('ses_old', :sid, 'planner', 'Old-planner', 'done', 2, 10, 5,"
+            " 0, 0, :now, :now)"), {"sid": sid, "now": utcnow()})
     engine.dispose()
 
     registry = Registry.from_url(empty_url)
     assert current(registry.engine) == head()
     assert registry.spec(sid).request == "Write a greeting module"
-    assert registry.find_session(sid, Role.planner).id == session.id
+    session = registry.find_session(sid, Role.planner)
+    assert (session.id, session.turns, session.lease_owner) == ("ses_old", 2, None)
+    assert registry.claim_turn(session.id, "attempt-1", 30)  # the new columns work
     with Session(registry.engine) as db:
         assert db.exec(text("SELECT count(*) FROM alembic_version")).one()[0] == 1
 
@@ -100,7 +113,5 @@ def test_threads_of_one_process_migrate_one_at_a_time(empty_url):
 def test_the_baseline_is_the_first_revision():
     """Stamping an old database with BASELINE is only right while it is the root revision."""
     from alembic.script import ScriptDirectory
-
-    from relay.schema import _config
 
     assert ScriptDirectory.from_config(_config()).get_base() == BASELINE
