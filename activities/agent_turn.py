@@ -151,15 +151,20 @@ class AgentTurnActivities:
         except KeyError as exc:
             raise ApplicationError(str(exc), type="InvalidTurnInput", non_retryable=True) from None
         lease = TurnLease.for_this_attempt(self.registry)
-        session, created, history, lease.held = await asyncio.to_thread(
-            self.registry.begin_turn, inp.spec_id, inp.role, inp.turn, lease.owner, lease.ttl_s)
-        structlog.contextvars.bind_contextvars(session_id=session.id)
-        async with lease.hold(session.id) as waited:
-            if waited:  # the other attempt recorded some steps, or all of them, meanwhile
+        try:
+            session, created, history, lease.held = await asyncio.to_thread(
+                self.registry.begin_turn, inp.spec_id, inp.role, inp.turn, lease.owner,
+                lease.ttl_s)
+            structlog.contextvars.bind_contextvars(session_id=session.id)
+            if await lease.wait_for(session.id):
+                # the other attempt recorded some steps, or all of them, meanwhile
                 session, created, history, _ = await asyncio.to_thread(
                     self.registry.begin_turn, inp.spec_id, inp.role, inp.turn, lease.owner,
                     lease.ttl_s)
-            return await self._steps(inp, prompt, text, session, created, history, lease)
+            async with lease.renewed(session.id):
+                return await self._steps(inp, prompt, text, session, created, history, lease)
+        finally:
+            await lease.end()
 
     async def _steps(self, inp: AgentTurnInput, prompt: prompts.RolePrompt, text: str,
                      session: AgentSession, created: bool, history: list[SessionMessage],
@@ -182,6 +187,7 @@ class AgentTurnActivities:
             exchange = self._recorded(recorded, step, inp.role, toolbox is not None)
             if exchange is None:
                 replayed = False
+                lease.check()
                 exchange = await self._call_model(prompt.system, inp.role, offered, conversation,
                                                   user, forced=toolbox is None)
                 stored = await asyncio.to_thread(

@@ -106,7 +106,8 @@ def prepare_workspace(ctx: EffectContext, p: Payload) -> Payload:
         git("branch", "-f", branch, target, cwd=repo)
         Path(worktree).parent.mkdir(parents=True, exist_ok=True)
         git("worktree", "add", "-q", worktree, branch, cwd=repo)
-    return {"base": git("rev-parse", target, cwd=repo), "worktree": worktree}
+    # the commit the branch was cut from: what the agents build on and the validator checks
+    return {"base": git("rev-parse", f"refs/heads/{branch}", cwd=repo), "worktree": worktree}
 
 
 @prepare_workspace.compensation
@@ -260,7 +261,7 @@ def deliver(ctx: EffectContext, p: Payload) -> Payload:
     the check command re-run on it first, and a failing merge is not delivered."""
     repo, branch, target = p["repo"], p["branch"], p["target"]
     head = git("rev-parse", f"refs/heads/{branch}", cwd=repo)
-    if subprocess.run(["git", "merge-base", "--is-ancestor", head, target], cwd=repo).returncode == 0:
+    if _delivered(repo, head, target):
         return {"target": target, "commit": git("rev-parse", target, cwd=repo), "merged": head}
     message = f"relay: deliver {ctx.spec_id}"
     checked_out = git("symbolic-ref", "--quiet", "--short", "HEAD", cwd=repo, check=False)
@@ -273,9 +274,42 @@ def deliver(ctx: EffectContext, p: Payload) -> Payload:
                            "stash them first")
     old = git("rev-parse", f"refs/heads/{target}", cwd=repo)
     moved = bool(p.get("base")) and old != p["base"]
-    recheck: Payload | None = None
-    # The merge is made in a scratch worktree, then the target moves to it only if nobody
-    # moved the target meanwhile (update-ref with the old value, or a fast-forward).
+    result: Payload = {"target": target, "merged": head}
+    if moved:
+        result["target_moved"] = True
+    if checked_out == target and not moved:  # what was validated lands as it is
+        try:
+            git("merge", "--no-ff", "--no-verify", "-q", "-m", message, branch, cwd=repo)
+        except GitError:
+            git("merge", "--abort", cwd=repo, check=False)  # ours: none was in progress before
+            raise
+        return {**result, "commit": git("rev-parse", target, cwd=repo)}
+
+    merged, recheck = _merge_aside(ctx, p, old, moved, message)
+    if recheck is not None:
+        result["recheck"] = recheck
+    try:  # move the target only if nobody moved it meanwhile
+        if checked_out == target:
+            git("merge", "--ff-only", "-q", merged, cwd=repo)
+        else:
+            git("update-ref", f"refs/heads/{target}", merged, old, cwd=repo)
+    except GitError:
+        if not _delivered(repo, head, target):  # a concurrent attempt may have landed it
+            raise EffectFailed(f"{target} moved again while the merge was being built; "
+                               "building it again") from None
+    return {**result, "commit": git("rev-parse", target, cwd=repo)}
+
+
+def _delivered(repo: str, head: str, target: str) -> bool:
+    return subprocess.run(["git", "merge-base", "--is-ancestor", head, target],
+                          cwd=repo).returncode == 0
+
+
+def _merge_aside(ctx: EffectContext, p: Payload, old: str, moved: bool,
+                 message: str) -> tuple[str, Payload | None]:
+    """The merge of the branch into `old`, made in a scratch worktree (re-checked there if
+    the target moved); returns its commit and the re-check's record."""
+    repo, branch, target = p["repo"], p["branch"], p["target"]
     scratch = str(ctx.data_dir / "deliver" / ctx.key)
     if is_worktree(repo, scratch):
         git("worktree", "remove", "--force", scratch, cwd=repo)
@@ -292,30 +326,20 @@ def deliver(ctx: EffectContext, p: Payload) -> Payload:
             raise GitError(f"{target} moved since the change was built and no longer merges "
                            f"cleanly ({err}); run 'relay iterate {ctx.spec_id}' to rebuild it "
                            "on the new target") from None
-        if moved and p.get("check"):
-            run = run_check(p["check"], scratch, float(p.get("check_timeout_s") or 300))
-            recheck = {"base": p["base"], "target_was": old, "command": run.command,
-                       "exit_code": run.exit_code}
-            if not run.passed:
-                raise DeliveryRefused(
-                    f"{target} moved since validation ({p['base'][:10]} -> {old[:10]}) and the "
-                    f"merged result fails its check: {run.report().splitlines()[1]}; "
-                    f"{_last_line(run.output)}; nothing was merged; run 'relay iterate "
-                    f"{ctx.spec_id}' to rebuild it on the new target")
-        merged = git("rev-parse", "HEAD", cwd=scratch)
-        if checked_out == target:
-            git("merge", "--ff-only", "-q", merged, cwd=repo)
-        else:
-            git("update-ref", f"refs/heads/{target}", merged, old, cwd=repo)
+        if not (moved and p.get("check")):
+            return git("rev-parse", "HEAD", cwd=scratch), None
+        run = run_check(p["check"], scratch, float(p.get("check_timeout_s") or 300))
+        if not run.passed:
+            raise DeliveryRefused(
+                f"{target} moved since validation ({p['base'][:10]} -> {old[:10]}) and the "
+                f"merged result fails its check: {run.report().splitlines()[1]}; "
+                f"{_last_line(run.output)}; nothing was merged; run 'relay iterate "
+                f"{ctx.spec_id}' to rebuild it on the new target")
+        return git("rev-parse", "HEAD", cwd=scratch), {
+            "base": p["base"], "target_was": old, "command": run.command,
+            "exit_code": run.exit_code}
     finally:
         git("worktree", "remove", "--force", scratch, cwd=repo, check=False)
-    result: Payload = {"target": target, "commit": git("rev-parse", target, cwd=repo),
-                       "merged": head}
-    if moved:
-        result["target_moved"] = True
-        if recheck is not None:
-            result["recheck"] = recheck
-    return result
 
 
 class DeliveryRefused(EffectFailed):

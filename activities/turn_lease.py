@@ -9,7 +9,8 @@ holder died. The lease lasts as long as the activity's heartbeat timeout and is
 renewed at a third of it, so a dead worker's lease lapses about when Temporal
 notices the death. Taking and ending it ride on the turn's own registry
 transactions (begin_turn, the final append_exchange), so a turn pays no extra
-write for it.
+write for it. Lease times come from the workers' clocks, which must agree to
+within a fraction of the heartbeat timeout.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 
 import structlog
 from temporalio import activity
+from temporalio.exceptions import ApplicationError
 
 from relay.registry import Registry
 
@@ -32,10 +34,11 @@ DEFAULT_TTL_S = 60.0
 @dataclass
 class TurnLease:
     registry: Registry
-    owner: str
+    owner: str  # one activity attempt
     ttl_s: float
     held: bool = False
     released: bool = False  # ended by the turn's final append_exchange
+    lost: bool = False  # it lapsed and another attempt took it over
 
     @classmethod
     def for_this_attempt(cls, registry: Registry) -> TurnLease:
@@ -44,9 +47,8 @@ class TurnLease:
         return cls(registry, owner=f"{info.workflow_run_id}/{info.activity_id}/{info.attempt}",
                    ttl_s=timeout.total_seconds() if timeout else DEFAULT_TTL_S)
 
-    @contextlib.asynccontextmanager
-    async def hold(self, session_id: str) -> AsyncIterator[bool]:
-        """Hold the lease while the turn works; yields whether another attempt was waited for."""
+    async def wait_for(self, session_id: str) -> bool:
+        """Take the lease, waiting while another live attempt holds it; True if it waited."""
         waited = False
         while not self.held:
             self.held = await asyncio.to_thread(self.registry.claim_turn, session_id, self.owner,
@@ -56,15 +58,35 @@ class TurnLease:
                     log.info("agent_turn.waiting_for_other_attempt")
                 waited = True
                 await asyncio.sleep(min(1.0, self.ttl_s / 4))
+        return waited
+
+    @contextlib.asynccontextmanager
+    async def renewed(self, session_id: str) -> AsyncIterator[None]:
         renewing = asyncio.create_task(self._renew(session_id))
         try:
-            yield waited
+            yield
         finally:
             renewing.cancel()
-            if not self.released:
-                await asyncio.to_thread(self.registry.release_turn, session_id, self.owner)
+
+    def check(self) -> None:
+        """Before paying for a model call: stop if another attempt has taken the turn over."""
+        if self.lost:
+            raise ApplicationError("another attempt took this turn over after its lease lapsed",
+                                   type="TurnLeaseLost")
+
+    async def end(self) -> None:
+        """Whatever happened (even a cancellation mid-claim), this attempt holds nothing after."""
+        if not self.released:
+            await asyncio.to_thread(self.registry.release_turn, self.owner)
 
     async def _renew(self, session_id: str) -> None:
-        while True:
+        while not self.released:
             await asyncio.sleep(self.ttl_s / 3)
-            await asyncio.to_thread(self.registry.claim_turn, session_id, self.owner, self.ttl_s)
+            try:
+                if not await asyncio.to_thread(self.registry.extend_turn, session_id, self.owner,
+                                               self.ttl_s) and not self.released:
+                    self.lost = True
+                    log.warning("agent_turn.lease_lost")
+                    return
+            except Exception as exc:  # noqa: BLE001  (the registry may be back at the next tick)
+                log.warning("agent_turn.lease_renewal_failed", error=str(exc))

@@ -60,7 +60,7 @@ class AgentSession(SQLModel, table=True):
     cache_read_tokens: int = 0
     cache_write_tokens: int = 0
     prompt_version: str | None = None
-    lease_owner: str | None = None  # the activity attempt now working on this session's turn
+    lease_owner: str | None = Field(default=None, index=True)  # the attempt working on a turn
     lease_until: datetime | None = None
     created_at: datetime = Field(default_factory=utcnow)
     updated_at: datetime = Field(default_factory=utcnow)
@@ -136,10 +136,9 @@ def _claim(session_id: str, owner: str, ttl_s: float) -> Update:
             .values(lease_owner=owner, lease_until=now + timedelta(seconds=ttl_s)))
 
 
-def _release(session_id: str, owner: str) -> Update:
+def _release(owner: str) -> Update:
     return (update(AgentSession)
-            .where(AgentSession.id == session_id,  # type: ignore[arg-type]
-                   AgentSession.lease_owner == owner)
+            .where(AgentSession.lease_owner == owner)  # type: ignore[arg-type]
             .values(lease_owner=None, lease_until=None))
 
 
@@ -277,9 +276,19 @@ class Registry:
         with self.engine.begin() as conn:
             return conn.execute(_claim(session_id, owner, ttl_s)).rowcount == 1
 
-    def release_turn(self, session_id: str, owner: str) -> None:
+    def extend_turn(self, session_id: str, owner: str, ttl_s: float) -> bool:
+        """Renew a lease this owner still holds; False if it ended or was taken over."""
         with self.engine.begin() as conn:
-            conn.execute(_release(session_id, owner))
+            return conn.execute(
+                update(AgentSession)
+                .where(AgentSession.id == session_id,  # type: ignore[arg-type]
+                       AgentSession.lease_owner == owner)
+                .values(lease_until=utcnow() + timedelta(seconds=ttl_s))).rowcount == 1
+
+    def release_turn(self, owner: str) -> None:
+        """End every lease this owner (one activity attempt) holds; a no-op if none."""
+        with self.engine.begin() as conn:
+            conn.execute(_release(owner))
 
     def sessions(self, spec_id: str) -> list[AgentSession]:
         order = {r.value: i for i, r in enumerate(ROLES)}
@@ -368,7 +377,7 @@ class Registry:
                 db.add(session)
                 db.flush()
                 if release_lease is not None:
-                    db.connection().execute(_release(session_id, release_lease))
+                    db.connection().execute(_release(release_lease))
                 db.commit()
                 return True
         except IntegrityError:

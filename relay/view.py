@@ -106,6 +106,10 @@ def print_result(console: Console, res: PipelineResult) -> None:
         if recheck := res.delivery.get("recheck"):
             console.print(Text(f"{res.delivery.get('target')} had moved since validation: "
                                f"`{recheck['command']}` re-run on the merge passed"), soft_wrap=True)
+        elif res.delivery.get("target_moved"):
+            console.print(Text(f"{res.delivery.get('target')} had moved since validation; no "
+                               "check command is configured, so the merge was not re-checked",
+                               style="yellow"), soft_wrap=True)
     if res.compensated:
         console.print(Text(f"compensated {len(res.compensated)} effect(s): the workspace is "
                            "as it was"), soft_wrap=True)

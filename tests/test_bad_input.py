@@ -494,6 +494,7 @@ async def test_a_failed_turn_keeps_earlier_turns_and_the_spec_can_iterate(relay,
     kept = registry.messages(clarifier.id)
     assert len(kept) == 4 and ANSWERS["q1"] in json.dumps([m.content for m in kept])
     assert all(s.status == "idle" for s in registry.sessions(sid))
+    assert all(s.lease_owner is None for s in registry.sessions(sid))  # the failed turn's too
 
     await relay.iterate(sid, "Try again", auto_approve=True)
     result = await asyncio.wait_for(relay.result(sid), FULL_RUN)

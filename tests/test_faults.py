@@ -81,6 +81,7 @@ async def test_two_invalid_outputs_fail_the_spec_with_a_clear_reason(relay, mode
     st = await relay.status(sid)
     assert st.phase == Phase.failed and "invalid output twice" in st.error
     assert registry.find_session(sid, "auditor").status == "failed"
+    assert registry.find_session(sid, "auditor").lease_owner is None  # a failed turn ends it
     assert registry.find_session(sid, "planner").status == "idle"
     assert registry.spec(sid).status == "failed"
     # what was recorded stays recorded: both bad answers are in the auditor's session

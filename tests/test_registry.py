@@ -152,10 +152,23 @@ class TestTurnLease:
         assert registry.claim_turn(session.id, "attempt-1", 30)
         assert not registry.claim_turn(session.id, "attempt-2", 30)
         assert registry.claim_turn(session.id, "attempt-1", 30)  # renewing
-        registry.release_turn(session.id, "attempt-2")  # not theirs: no effect
+        registry.release_turn("attempt-2")  # not theirs: no effect
         assert not registry.claim_turn(session.id, "attempt-2", 30)
-        registry.release_turn(session.id, "attempt-1")
+        registry.release_turn("attempt-1")
         assert registry.claim_turn(session.id, "attempt-2", 30)
+
+    def test_a_released_lease_is_not_taken_back_by_a_late_renewal(self, registry):
+        """Renewal only extends a lease its owner still holds: a renewal racing the turn's end
+        must not leave the session leased (which would stall its next turn)."""
+        session, _ = registry.resolve_session(spec_id(), Role.constructor)
+        assert registry.claim_turn(session.id, "attempt-1", 30)
+        assert registry.extend_turn(session.id, "attempt-1", 30)
+        registry.release_turn("attempt-1")
+        assert not registry.extend_turn(session.id, "attempt-1", 30)
+        assert registry.find_session(session.spec_id, Role.constructor).lease_owner is None
+        assert registry.claim_turn(session.id, "attempt-2", 0)
+        assert registry.claim_turn(session.id, "attempt-3", 30)  # attempt-2's lapsed
+        assert not registry.extend_turn(session.id, "attempt-2", 30)  # taken over: lost
 
     def test_a_lapsed_lease_can_be_taken(self, registry):
         """The holder died: once its lease lapses, a new attempt takes it."""

@@ -22,6 +22,7 @@ from tests.conftest import (
     run_spec,
     snapshot,
     spec_id,
+    until,
     wait_for,
     wait_for_questions,
 )
@@ -137,6 +138,69 @@ class TestTargetMovedBeforeDelivery:
         assert git(user_repo, "status", "--porcelain") == ""
         code, out, _ = await cli(settings, "result", sid)
         assert code == 0 and f"main had moved since validation: `{CHECK}` re-run on the merge passed" in out
+
+    async def test_a_target_that_is_not_checked_out_is_rechecked_too(self, relay, user_repo):
+        """The user works on another branch; main moved meanwhile: re-checked, then moved."""
+        git(user_repo, "checkout", "-q", "-b", "work")
+        sid = await start(relay, "Write a greeting module", user_repo)
+        await waiting_for_approval(relay, sid)
+        git(user_repo, "checkout", "-q", "main")
+        theirs = commit_on(user_repo, {"NOTES.md": "unrelated\n"}, "notes")
+        git(user_repo, "checkout", "-q", "work")
+
+        await relay.approve(sid)
+        result = await relay.result(sid)
+        assert result.outcome == "delivered" and result.delivery["recheck"]["exit_code"] == 0
+        assert git(user_repo, "rev-parse", "main^1") == theirs
+        assert "greeting.py" in git(user_repo, "ls-tree", "--name-only", "main")
+        assert git(user_repo, "symbolic-ref", "--short", "HEAD") == "work"
+        assert not (user_repo / "greeting.py").exists()  # the user's checkout is untouched
+
+    async def test_a_target_that_moves_again_during_the_recheck_is_merged_afresh(
+            self, relay, user_repo, tmp_path):
+        """A colleague pushes while the merge is being re-checked: that merge is not forced in
+        (nor the spec failed); delivery builds and checks the merge on the newest target."""
+        gate = tmp_path / "gate.py"
+        gate.write_text(
+            "import pathlib, time\n"
+            f"hold, entered = pathlib.Path({str(tmp_path / 'hold')!r}), "
+            f"pathlib.Path({str(tmp_path / 'entered')!r})\n"
+            "if hold.exists():\n    entered.touch()\n"
+            "    while hold.exists():\n        time.sleep(0.02)\n")
+        check = f"{CHECK} && python {gate}"
+        sid = await relay.run("Write a greeting module", spec_id=spec_id("ws"),
+                              workspace=WorkspaceInput(path=str(user_repo), check=check))
+        await wait_for_questions(relay, sid)
+        await relay.answer(sid, ANSWERS)
+        await waiting_for_approval(relay, sid)
+        (tmp_path / "hold").touch()
+        commit_on(user_repo, {"NOTES.md": "one\n"}, "first push")
+
+        await relay.approve(sid)
+        await until(lambda: (tmp_path / "entered").exists(), timeout=60)
+        second = commit_on(user_repo, {"MORE.md": "two\n"}, "second push")
+        (tmp_path / "hold").unlink()
+
+        result = await relay.result(sid)
+        assert result.outcome == "delivered"
+        assert result.delivery["recheck"]["target_was"] == second
+        assert git(user_repo, "rev-parse", "main^1") == second
+        assert (user_repo / "MORE.md").is_file() and (user_repo / "greeting.py").is_file()
+
+    async def test_without_a_check_command_a_moved_target_is_said_plainly(self, relay, user_repo,
+                                                                           settings):
+        sid = await relay.run("Write a greeting module", spec_id=spec_id("ws"),
+                              workspace=WorkspaceInput(path=str(user_repo)))
+        await wait_for_questions(relay, sid)
+        await relay.answer(sid, ANSWERS)
+        await waiting_for_approval(relay, sid)
+        commit_on(user_repo, {"NOTES.md": "unrelated\n"}, "notes")
+        await relay.approve(sid)
+        result = await relay.result(sid)
+        assert result.outcome == "delivered"
+        assert result.delivery["target_moved"] is True and "recheck" not in result.delivery
+        code, out, _ = await cli(settings, "result", sid)
+        assert code == 0 and "no check command is configured, so the merge was not" in out
 
     async def test_a_merge_that_fails_its_check_is_not_delivered(self, relay, registry, user_repo):
         sid = await start(relay, "Write a greeting module", user_repo)
