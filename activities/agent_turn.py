@@ -4,8 +4,9 @@ The turn is idempotent on (session, turn number): each model exchange is
 recorded atomically after the model answers, and an attempt that finds an
 exchange already recorded uses it instead of calling (and paying for) the
 model again. Two attempts alive at once (a retry while a timed-out attempt
-still works) never both pay: the turn is leased to one of them. An output that fails validation gets one repair exchange in the
-same session, with the validation error shown to the model.
+still works) never both pay: the turn is leased to one of them. An output
+that fails validation gets one repair exchange in the same session, with the
+validation error shown to the model.
 """
 
 from __future__ import annotations

@@ -294,9 +294,13 @@ def deliver(ctx: EffectContext, p: Payload) -> Payload:
         else:
             git("update-ref", f"refs/heads/{target}", merged, old, cwd=repo)
     except GitError:
-        if not _delivered(repo, head, target):  # a concurrent attempt may have landed it
+        if _delivered(repo, head, target):  # a concurrent attempt landed it
+            pass
+        elif git("rev-parse", f"refs/heads/{target}", cwd=repo) != old:
             raise EffectFailed(f"{target} moved again while the merge was being built; "
                                "building it again") from None
+        else:
+            raise  # git's own reason, e.g. untracked files the merge would overwrite
     return {**result, "commit": git("rev-parse", target, cwd=repo)}
 
 

@@ -226,6 +226,20 @@ class TestTargetMovedBeforeDelivery:
         assert rows.pop("git.deliver") == "failed"
         assert set(rows.values()) == {"compensated"}
 
+    async def test_an_untracked_file_in_the_way_is_kept_and_the_delivery_refused(self, relay,
+                                                                                 user_repo):
+        """Git's own reason, at once (not retried as if the target had moved again)."""
+        sid = await start(relay, "Write a greeting module", user_repo)
+        await waiting_for_approval(relay, sid)
+        theirs = commit_on(user_repo, {"NOTES.md": "unrelated\n"}, "notes")
+        (user_repo / "greeting.py").write_text("mine, not committed\n")
+
+        await relay.approve(sid)
+        with pytest.raises(SpecFailed, match="untracked working tree files would be overwritten"):
+            await relay.result(sid)
+        assert (user_repo / "greeting.py").read_text() == "mine, not committed\n"
+        assert git(user_repo, "rev-parse", "main") == theirs
+
     async def test_a_merge_that_conflicts_is_not_delivered(self, relay, user_repo):
         sid = await start(relay, "Write a greeting module", user_repo)
         await waiting_for_approval(relay, sid)
