@@ -36,8 +36,9 @@ async def waiting_for_approval(relay, sid: str):
                                                            Phase.completed))
 
 
-async def start(relay, request: str, repo: Path | None, **options) -> str:
-    workspace = WorkspaceInput(path=str(repo), check=CHECK) if repo else None
+async def start(relay, request: str, repo: Path | None, check: str | None = CHECK,
+                **options) -> str:
+    workspace = WorkspaceInput(path=str(repo), check=check) if repo else None
     sid = await relay.run(request, spec_id=spec_id("ws"), workspace=workspace, **options)
     await wait_for_questions(relay, sid)
     await relay.answer(sid, ANSWERS)
@@ -168,10 +169,7 @@ class TestTargetMovedBeforeDelivery:
             "if hold.exists():\n    entered.touch()\n"
             "    while hold.exists():\n        time.sleep(0.02)\n")
         check = f"{CHECK} && python {gate}"
-        sid = await relay.run("Write a greeting module", spec_id=spec_id("ws"),
-                              workspace=WorkspaceInput(path=str(user_repo), check=check))
-        await wait_for_questions(relay, sid)
-        await relay.answer(sid, ANSWERS)
+        sid = await start(relay, "Write a greeting module", user_repo, check=check)
         await waiting_for_approval(relay, sid)
         (tmp_path / "hold").touch()
         commit_on(user_repo, {"NOTES.md": "one\n"}, "first push")
@@ -189,10 +187,7 @@ class TestTargetMovedBeforeDelivery:
 
     async def test_without_a_check_command_a_moved_target_is_said_plainly(self, relay, user_repo,
                                                                            settings):
-        sid = await relay.run("Write a greeting module", spec_id=spec_id("ws"),
-                              workspace=WorkspaceInput(path=str(user_repo)))
-        await wait_for_questions(relay, sid)
-        await relay.answer(sid, ANSWERS)
+        sid = await start(relay, "Write a greeting module", user_repo, check=None)
         await waiting_for_approval(relay, sid)
         commit_on(user_repo, {"NOTES.md": "unrelated\n"}, "notes")
         await relay.approve(sid)
