@@ -122,21 +122,43 @@ ROLE_BY_TOOL: dict[str, Role] = {v: k for k, v in OUTPUT_TOOLS.items()}
 # --- workflow input / human input -------------------------------------------
 
 
-class Limits(BaseModel):
-    """Bounds of one run. The client fills them from settings; raw JSON may omit them."""
+MAX_ATTEMPTS = 1_000
+MAX_DURATION_S = 30 * 24 * 3600.0  # 30 days
+MAX_ROUNDS = 1_000
 
-    max_request_bytes: int = Field(default=200_000, ge=1)
-    max_clarify_rounds: int = Field(default=3, ge=1)
-    max_audit_rounds: int = Field(default=3, ge=1)
-    max_fix_rounds: int = Field(default=3, ge=1)
-    answer_timeout_s: float | None = Field(default=None, gt=0)
-    model_max_attempts: int = Field(default=6, ge=1)
-    turn_timeout_s: float = Field(default=600, gt=0)
-    heartbeat_timeout_s: float = Field(default=60, gt=0)
-    max_tool_steps: int = Field(default=25, ge=1, description="model calls per agent turn with tools")
-    check_timeout_s: float = Field(default=300, gt=0)
-    effect_max_attempts: int = Field(default=5, ge=1)
-    compensation_max_attempts: int = Field(default=3, ge=1)
+
+def _attempts(default: int, description: str | None = None) -> Any:
+    return Field(default=default, ge=1, le=MAX_ATTEMPTS, description=description)
+
+
+def _duration(default: float, description: str | None = None) -> Any:
+    # finite and bounded: a timer of inf or 1e300 seconds cannot be scheduled, and a workflow
+    # that tries fails its task forever instead of failing cleanly
+    return Field(default=default, gt=0, le=MAX_DURATION_S, allow_inf_nan=False,
+                 description=description)
+
+
+class Limits(BaseModel):
+    """Bounds of one run. The client fills them from settings; raw JSON may omit them.
+
+    Every bound is finite: attempts <= 1,000, durations <= 30 days, rounds >= 1.
+    """
+
+    max_request_bytes: int = Field(default=200_000, ge=1, le=2_000_000)
+    max_clarify_rounds: int = Field(default=3, ge=1, le=MAX_ROUNDS)
+    max_audit_rounds: int = Field(default=3, ge=1, le=MAX_ROUNDS)
+    max_fix_rounds: int = Field(default=3, ge=1, le=MAX_ROUNDS)
+    answer_timeout_s: float | None = _duration(None, "no deadline when null")  # type: ignore[arg-type]
+    model_max_attempts: int = _attempts(6)
+    turn_timeout_s: float = _duration(600)
+    # 15 s: a turn whose worker died is retried about 15 s later (the cost: a heartbeat every
+    # few seconds per running activity)
+    heartbeat_timeout_s: float = _duration(15)
+    max_tool_steps: int = Field(default=25, ge=1, le=MAX_ROUNDS,
+                                description="model calls per agent turn with tools")
+    check_timeout_s: float = _duration(300)
+    effect_max_attempts: int = _attempts(5)
+    compensation_max_attempts: int = _attempts(3)
 
 
 class WorkspaceInput(BaseModel):
@@ -293,6 +315,8 @@ class AgentTurnResult(BaseModel):
     tool_calls: int = 0
     effects: list[str] = Field(default_factory=list, description="Ledger keys of effects made")
     changed_paths: list[str] = Field(default_factory=list)
+    unsandboxed_checks: bool = Field(
+        default=False, description="A check ran outside the sandbox (RELAY_UNSANDBOXED_CHECKS=1)")
 
 
 class EffectInput(BaseModel):
@@ -383,6 +407,9 @@ class Phase(str, Enum):
     cancelled = "cancelled"
 
 
+REJECTED_KEPT = 20
+
+
 class PendingQuestions(BaseModel):
     round: int
     questions: list[Question]
@@ -402,13 +429,17 @@ class Status(BaseModel):
     flags: list[str] = Field(default_factory=list)
     outcome: str | None = None
     error: str | None = None
-    rejected_inputs: list[str] = Field(default_factory=list)
+    rejected_inputs: list[str] = Field(
+        default_factory=list, description=f"the last {REJECTED_KEPT} refused signals, newest last")
+    rejected_count: int = Field(default=0, description="every refused signal, counted")
     waiting_for: str | None = None
     workspace: WorkspaceRef | None = None
     effects: list[EffectRef] = Field(default_factory=list)
     needs_human: list[EffectRef] = Field(default_factory=list)
     decision: Decision | None = None
     delivery: dict[str, Any] | None = None
+    validated_commit: str | None = Field(
+        default=None, description="the commit the validator checked; delivery merges exactly it")
 
 
 class PipelineResult(BaseModel):
@@ -427,3 +458,4 @@ class PipelineResult(BaseModel):
     compensated: list[EffectRef] = Field(default_factory=list)
     needs_human: list[EffectRef] = Field(default_factory=list)
     decision: Decision | None = None
+    validated_commit: str | None = None

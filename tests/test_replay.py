@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from temporalio.client import WorkflowHistory
-from temporalio.contrib.pydantic import pydantic_data_converter
+from relay.converter import data_converter as pydantic_data_converter
 from temporalio.worker import Replayer
 
 from tests.conftest import run_spec

@@ -28,9 +28,10 @@ with workflow.unsafe.imports_passed_through():
         AnswerInput, ApprovalInput, Audit, Change, Clarification, Decision,
         EffectInput, EffectRef, EffectResult, OpenSpecInput, OpenSpecResult,
         PendingQuestions, Phase, PipelineResult, Plan, PrepareWorkspaceInput,
-        Question, RejectInput, Role, SessionStateInput, SpecInput, Status, Validation, WorkspaceInput,
-        WorkspaceRef, spec_id_problem,
+        Question, REJECTED_KEPT, RejectInput, Role, SessionStateInput, SpecInput, Status, Validation,
+        WorkspaceInput, WorkspaceRef, spec_id_problem,
     )
+    from relay.converter import Undecodable
     from workflows import render, saga
     from workflows.saga import BOOKKEEPING
     from workflows.saga import one_line as _one_line
@@ -48,11 +49,31 @@ class SpecFailed(Exception):
     """A step that cannot complete; the run ends failed with this reason."""
 
 
+def parse_input(args: tuple[Any, ...]) -> tuple[SpecInput, str | None]:
+    """The run's input, or a placeholder and why the given one is refused.
+
+    The entry points take any number of arguments of any shape (a typed parameter makes the
+    SDK fail the workflow *task* on a bad payload, retried forever: a wedged spec). A bad
+    input becomes a clean failed run with this reason instead.
+    """
+    placeholder = SpecInput(request="")
+    if len(args) != 1:
+        return placeholder, (f"{WORKFLOW_TYPE} takes exactly one input, "
+                             f'{{"request": "..."}}; it was given {len(args)}')
+    if isinstance(args[0], Undecodable):
+        return placeholder, f"invalid input: {args[0]}"
+    try:
+        return SpecInput.model_validate(args[0]), None
+    except (ValidationError, ValueError, TypeError) as err:
+        return placeholder, f"invalid input: {_one_line(str(err))}"
+
+
 @workflow.defn(name=WORKFLOW_TYPE, failure_exception_types=[ValidationError])
 class SpecPipeline:
     @workflow.init
-    def __init__(self, inp: SpecInput) -> None:
-        self._limits = inp.limits
+    def __init__(self, *args: Any) -> None:
+        self._input, self._input_problem = parse_input(args)
+        self._limits = self._input.limits
         self._status = Status(spec_id=workflow.info().workflow_id)
         self._turns: dict[Role, int] = {}
         self._answers: dict[str, str] | None = None
@@ -60,13 +81,17 @@ class SpecPipeline:
         self._opened = False
         self._effects_begun = False
         self._compensated: list[EffectRef] = []
+        self._head: str | None = None
 
     # --- run ---------------------------------------------------------------------
 
     @workflow.run
-    async def run(self, inp: SpecInput) -> PipelineResult:
+    async def run(self, *args: Any) -> PipelineResult:
+        inp = self._input
         workspaces = workflow.patched(WORKSPACE_PATCH)
         try:
+            if self._input_problem:
+                raise SpecFailed(self._input_problem)
             self._check_request(inp.request)
             opened = await self._open(inp)
             if workspaces:
@@ -94,7 +119,8 @@ class SpecPipeline:
                 flags=self._status.flags, usage=self._status.usage, models=self._status.models,
                 delivery=self._status.delivery, decision=self._status.decision,
                 branch=self._status.workspace.branch if self._status.workspace else None,
-                compensated=self._compensated, needs_human=self._status.needs_human)
+                compensated=self._compensated, needs_human=self._status.needs_human,
+                validated_commit=self._status.validated_commit)
         except (asyncio.CancelledError, ActivityError) as err:
             if isinstance(err, ActivityError) and not _cancelled(err):
                 await self._fail(f"{_reason(err)}")
@@ -225,6 +251,8 @@ class SpecPipeline:
             if validation.approved or round_no == self._limits.max_fix_rounds:
                 if not validation.approved:
                     self._flag("change_not_approved")
+                else:
+                    self._status.validated_commit = self._head
                 return change, validation
             self._set_phase(Phase.constructing, Role.constructor)
             built = await self._turn(Role.constructor, "fix",
@@ -272,6 +300,8 @@ class SpecPipeline:
             self._status.models.append(result.model)
         if result.repaired:
             self._flag(f"{role.value}_output_repaired")
+        if result.unsandboxed_checks:
+            self._flag("checks_ran_unsandboxed")
         return result
 
     # --- the workspace and its side effects (a saga) --------------------------------------
@@ -299,11 +329,13 @@ class SpecPipeline:
         if ws is None:
             return
         summary = str(built.output.get("summary", "")).strip() or "change"
-        await self._effect(f"commit/r{round_no}", "git.commit", {
+        committed = await self._effect(f"commit/r{round_no}", "git.commit", {
             "repo": ws.repo, "worktree": ws.worktree, "branch": ws.branch,
             "paths": built.changed_paths,
             "message": f"relay {self._status.spec_id} iteration {self._status.iteration} "
                        f"round {round_no}: {summary}"[:200]})
+        # the branch head now: what the validator will check, and all that delivery may merge
+        self._head = committed.result.get("commit") or committed.result.get("parent")
 
     async def _effect(self, step: str, effect: str, payload: dict[str, Any], *,
                       reversible_only: bool = False, irreversible: bool = False,
@@ -365,10 +397,13 @@ class SpecPipeline:
         assert ws is not None
         self._set_phase(Phase.delivering, None)
         # base and check let delivery re-check the merge if the target moved after validation
+        payload: dict[str, Any] = {"repo": ws.repo, "branch": ws.branch, "target": ws.target,
+                                   "base": ws.base, "check": ws.check,
+                                   "check_timeout_s": self._limits.check_timeout_s}
+        if self._status.validated_commit:  # exactly what was validated, or nothing
+            payload["commit"] = self._status.validated_commit
         merge = asyncio.ensure_future(self._effect(
-            "deliver", "git.deliver", {"repo": ws.repo, "branch": ws.branch, "target": ws.target,
-                                       "base": ws.base, "check": ws.check,
-                                       "check_timeout_s": self._limits.check_timeout_s},
+            "deliver", "git.deliver", payload,
             irreversible=True,
             start_to_close=timedelta(seconds=self._limits.check_timeout_s + 300)))
         try:
@@ -422,21 +457,25 @@ class SpecPipeline:
     def _validate_reject(self, inp: RejectInput) -> None:
         self._check_awaiting_approval()
 
-    @workflow.signal
-    def approve_signal(self, payload: Any) -> None:
-        self._decide_by_signal(ApprovalInput, payload, approved=True)
+    # Signals and queries take *args: any payload shape and any number of arguments (an empty
+    # Web UI form sends none) must be refused in workflow code, never fail the task.
 
     @workflow.signal
-    def reject_signal(self, payload: Any) -> None:
-        self._decide_by_signal(RejectInput, payload, approved=False)
+    def approve_signal(self, *args: Any) -> None:
+        self._decide_by_signal(ApprovalInput, args, approved=True)
 
-    def _decide_by_signal(self, model: type, payload: Any, *, approved: bool) -> None:
+    @workflow.signal
+    def reject_signal(self, *args: Any) -> None:
+        self._decide_by_signal(RejectInput, args, approved=False)
+
+    def _decide_by_signal(self, model: type, args: tuple[Any, ...], *, approved: bool) -> None:
+        name = f"{'approve' if approved else 'reject'}_signal"
         try:
             self._check_awaiting_approval()
-            parsed = model.model_validate(payload if payload is not None else {})
-        except (ValueError, ValidationError) as err:
-            self._status.rejected_inputs.append(
-                f"{'approve' if approved else 'reject'}_signal rejected: {_one_line(str(err))}")
+            payload = _single(args, empty_is={} if approved else None)
+            parsed = model.model_validate(payload)
+        except (ValueError, ValidationError, TypeError) as err:
+            self._reject(f"{name} rejected: {_one_line(str(err))}")
             return
         self._decision = Decision(approved=approved, reviewer=parsed.reviewer,
                                   reason=getattr(parsed, "reason", None) or getattr(parsed, "comment", None))
@@ -501,17 +540,24 @@ class SpecPipeline:
         self._check_answers(inp.answers)
 
     @workflow.signal
-    def answer_signal(self, payload: Any) -> None:
+    def answer_signal(self, *args: Any) -> None:
         """Same as the `answer` update, for senders that cannot wait (Web UI signal form)."""
         try:
+            payload = _single(args, empty_is=None)
             self._answers = self._check_answers(AnswerInput.model_validate(payload).answers)
-        except (ValueError, ValidationError) as err:
-            reason = f"answer_signal rejected: {_one_line(str(err))}"
-            self._status.rejected_inputs.append(reason)
-            log.warning("answer.rejected", reason=reason)
+        except (ValueError, ValidationError, TypeError) as err:
+            self._reject(f"answer_signal rejected: {_one_line(str(err))}")
+
+    def _reject(self, reason: str) -> None:
+        """Record a refused input: the last few are shown, all are counted (bounded state)."""
+        self._status.rejected_count += 1
+        kept = self._status.rejected_inputs
+        kept.append(reason)
+        del kept[:-REJECTED_KEPT]
+        log.warning("input.rejected", reason=reason)
 
     @workflow.query
-    def status(self) -> Status:
+    def status(self, *_args: Any) -> Status:
         return self._status
 
     # --- state shown to people ------------------------------------------------------------
@@ -531,6 +577,18 @@ class SpecPipeline:
     def _flag(self, flag: str) -> None:
         if flag not in self._status.flags:
             self._status.flags.append(flag)
+
+
+def _single(args: tuple[Any, ...], *, empty_is: Any) -> Any:
+    """The one argument of a signal; none gives `empty_is` (None: refused as missing)."""
+    if len(args) > 1:
+        raise ValueError(f"expected one JSON object, got {len(args)} arguments")
+    payload = args[0] if args else empty_is
+    if isinstance(payload, Undecodable):
+        raise ValueError(str(payload))
+    if payload is None:
+        raise ValueError("no payload: send one JSON object")
+    return payload
 
 
 def _stop_if_cancelled() -> None:
