@@ -2,20 +2,32 @@
 
 The allowlist per role is enforced here, in code: a role is offered only its
 tools, and a call to any other tool is refused. Every path is confined to the
-worktree: absolute paths, `..`, symlinks that lead out and `.git` are refused.
-A refusal is a tool error the model sees, never an exception that ends the turn.
+worktree: absolute paths, `..`, `.git` (and every name git would refuse),
+symlinks and hard-linked files are refused. Files are only ever touched through
+`safe_fs` (directory descriptors, never following a symlink), because the checks
+run model-written code that may swap a directory for a symlink at any moment.
+Every error inside a tool, a refusal or a failed effect alike, is a tool error
+the model sees, never an exception that ends the turn; only a registry outage
+is raised, so the turn is retried and replays its recorded tool calls.
 Writes go through the effects ledger (idempotent, compensable).
 """
 
 from __future__ import annotations
 
 import os
+import stat
+from collections.abc import Iterator
+from contextlib import closing
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
+from sqlalchemy.exc import SQLAlchemyError
+
+from activities import safe_fs
 from activities.checks import run_check
 from activities.effects import EffectExecutor
+from relay import registry as _registry
 from relay.models import Role, WorkspaceRef
 
 MAX_READ_BYTES = 64_000
@@ -52,6 +64,13 @@ TOOL_SCHEMAS: dict[str, dict[str, Any]] = {
 }
 
 
+# Not the tool's failure but the registry's: raised, so the turn is retried once it is back
+# (telling the model "the database is down" would only make it try something else).
+_OUTAGES: tuple[type[BaseException], ...] = (
+    SQLAlchemyError, *([_registry.RegistryUnavailable] if hasattr(_registry, "RegistryUnavailable")
+                       else []))
+
+
 def tool_definitions(role: Role) -> list[dict[str, Any]]:
     return [{"name": name, **TOOL_SCHEMAS[name]} for name in ROLE_TOOLS[role]]
 
@@ -66,6 +85,7 @@ class ToolOutcome:
     is_error: bool = False
     effect_key: str | None = None
     changed_path: str | None = None
+    unsandboxed: bool = False  # run_checks ran the workspace's code without a sandbox (opt-out)
 
 
 @dataclass
@@ -90,96 +110,133 @@ class ToolBox:
             if not isinstance(args, dict):
                 raise ToolRefused("tool input must be a JSON object")
             return getattr(self, f"_{name}")(args, call_id)
-        except ToolRefused as refusal:
-            return ToolOutcome(f"refused: {refusal}", is_error=True)
-        except (OSError, UnicodeDecodeError) as exc:
-            return ToolOutcome(f"error: {exc}", is_error=True)
+        except (ToolRefused, safe_fs.UnsafePath) as refusal:
+            return ToolOutcome(f"refused: {_line(refusal)}", is_error=True)
+        except _OUTAGES:
+            raise
+        except Exception as exc:  # GitError, EffectFailed, EffectConflict, OSError, ...: the
+            # model sees it and may try another way; a failed effect is recorded failed in the
+            # ledger by the executor already (and compensated with the rest if the spec fails)
+            return ToolOutcome(f"error: {_line(exc)}", is_error=True)
 
     # --- confinement ------------------------------------------------------------------
 
-    def confine(self, raw: Any, *, allow_root: bool = False) -> tuple[Path, str]:
-        """The absolute path inside the worktree for `raw`, and its relative form."""
+    @property
+    def root(self) -> str:
+        return self.workspace.worktree
+
+    def confine(self, raw: Any, *, allow_root: bool = False,
+                follow_leaf: bool = True) -> tuple[Path, str]:
+        """The path inside the worktree for `raw`, and its relative form (lexical: no symlink
+        is ever followed on the way, so the relative form is where the tools act).
+
+        Checked here with friendly reasons, before anything is touched: names git refuses, and
+        symlinks that lead out or into .git. This is only a first look; the checks may change
+        the tree at any time, and safe_fs enforces confinement where files are opened."""
         if not isinstance(raw, str) or (not raw.strip() and not allow_root):
             raise ToolRefused("a path is required")
         text = raw.strip() or "."
-        if text.startswith(("/", "\\", "~")) or (len(text) > 1 and text[1] == ":"):
-            raise ToolRefused(f"absolute paths are not allowed: {raw!r}")
-        parts = PurePosixPath(text.replace("\\", "/")).parts
-        if ".." in parts:
-            raise ToolRefused(f"'..' is not allowed in paths: {raw!r}")
-        if any(part.lower() == ".git" for part in parts):  # also .GIT on case-insensitive disks
-            raise ToolRefused(f"the .git directory is off limits: {raw!r}")
         if "\x00" in text:
             raise ToolRefused("paths cannot contain NUL bytes")
-        root = Path(self.workspace.worktree).resolve()
-        candidate = root.joinpath(*parts)
+        if text.startswith(("/", "\\", "~")) or (len(text) > 1 and text[1] == ":"):
+            raise ToolRefused(f"absolute paths are not allowed: {raw!r}")
+        while text.startswith("./"):  # "./src/app.py" is common and unambiguous
+            text = text[2:].lstrip("/") or "."
+        if allow_root:  # a directory may be written "src/"
+            text = text.rstrip("/") or "."
+        root = Path(self.root).resolve()
+        if text == ".":
+            if not allow_root:
+                raise ToolRefused("the workspace root is a directory, not a file")
+            return root, "."
         try:
-            resolved = candidate.resolve()
+            components = safe_fs.parts(text)
+        except safe_fs.UnsafePath as exc:
+            raise ToolRefused(str(exc)) from None
+        candidate = root.joinpath(*components)
+        try:  # a delete acts on a symlink itself: only the directories above it are resolved
+            resolved = (candidate.resolve() if follow_leaf
+                        else candidate.parent.resolve() / candidate.name)
         except (RuntimeError, OSError, ValueError) as exc:  # symlink loops and the like
             raise ToolRefused(f"{raw!r} cannot be resolved: {exc}") from None
         if resolved != root and root not in resolved.parents:
             raise ToolRefused(f"{raw!r} leads outside the workspace (symlink)")
         if resolved == root and not allow_root:
             raise ToolRefused("the workspace root is a directory, not a file")
-        relative = resolved.relative_to(root).as_posix() if resolved != root else "."
-        if relative.split("/")[0].lower() == ".git":
+        if resolved != root and safe_fs.is_dotgit(resolved.relative_to(root).parts[0]):
             raise ToolRefused(f"the .git directory is off limits: {raw!r}")
-        return candidate, relative
+        return candidate, "/".join(components)
 
     # --- read-only ---------------------------------------------------------------------
 
-    def _files(self, base: Path) -> list[str]:
-        root = Path(self.workspace.worktree).resolve()
-        found = []
-        for dirpath, dirnames, filenames in os.walk(base):
-            dirnames[:] = sorted(d for d in dirnames if d not in (".git", "__pycache__"))
-            for name in sorted(filenames):
-                path = Path(dirpath) / name
-                if path.is_symlink():  # listed only if it stays inside and out of .git
-                    try:
-                        target = path.resolve()
-                    except (RuntimeError, OSError):
-                        continue
-                    if root not in target.parents or target.relative_to(root).parts[0].lower() == ".git":
-                        continue
-                found.append(path.relative_to(root).as_posix())
-        return found
+    def _walk(self, relative: str) -> Iterator[tuple[str, int, str, os.stat_result]]:
+        """(relative path, its directory's descriptor, its name, its lstat) of every file under
+        the directory `relative`, without .git (a worktree's .git is a file) or caches, and
+        without symlinks that lead out, into .git or to a directory."""
+        if relative != "." and (kind := safe_fs.kind(self.root, relative)) != "directory":
+            raise ToolRefused(f"{relative} does not exist" if kind is None
+                              else f"{relative} is not a directory")
+        root = Path(self.root).resolve()
+        components = [] if relative == "." else relative.split("/")
+        prefix = "" if relative == "." else relative + "/"
+        for below, dir_fd, name, st in safe_fs.files(self.root, components, _enter):
+            path = prefix + below
+            if safe_fs.is_dotgit(name):
+                continue
+            if stat.S_ISLNK(st.st_mode) and not _leads_inside(root, root / path):
+                continue
+            yield path, dir_fd, name, st
 
     def _list_files(self, args: dict, _call_id: str) -> ToolOutcome:
-        base, relative = self.confine(args.get("path", "."), allow_root=True)
-        if not base.is_dir():
-            raise ToolRefused(f"{relative} is not a directory")
-        files = self._files(base)
+        _, relative = self.confine(args.get("path", "."), allow_root=True)
+        files = [path for path, *_ in self._walk(relative)]
         shown = files[:MAX_LIST]
         more = f"\n... and {len(files) - MAX_LIST} more" if len(files) > MAX_LIST else ""
         return ToolOutcome("\n".join(shown) + more if shown else "(no files)")
 
     def _read_file(self, args: dict, _call_id: str) -> ToolOutcome:
-        path, relative = self.confine(args.get("path"))
-        if not path.is_file():
-            raise ToolRefused(f"{relative} is not a file")
-        data = path.read_bytes()
-        text = data[:MAX_READ_BYTES].decode("utf-8", errors="replace")
-        if len(data) > MAX_READ_BYTES:
-            text += f"\n... truncated: {len(data)} bytes, showing the first {MAX_READ_BYTES}"
+        _, relative = self.confine(args.get("path"))
+        try:
+            data, size = safe_fs.read_head(self.root, relative, MAX_READ_BYTES)
+        except FileNotFoundError:
+            raise ToolRefused(f"{relative} does not exist") from None
+        text = data.decode("utf-8", errors="replace")
+        if size > MAX_READ_BYTES:
+            text += f"\n... truncated: {size} bytes, showing the first {MAX_READ_BYTES}"
         return ToolOutcome(text)
 
     def _search_text(self, args: dict, _call_id: str) -> ToolOutcome:
         needle = args.get("text")
         if not isinstance(needle, str) or not needle:
             raise ToolRefused("text to search for is required")
-        base, _ = self.confine(args.get("path", "."), allow_root=True)
-        root = Path(self.workspace.worktree).resolve()
-        matches = []
-        for relative in self._files(base) if base.is_dir() else [base.relative_to(root).as_posix()]:
-            try:
-                lines = (root / relative).read_text(encoding="utf-8").splitlines()
-            except (UnicodeDecodeError, OSError):
-                continue
-            matches += [f"{relative}:{n}: {line}" for n, line in enumerate(lines, 1) if needle in line]
-            if len(matches) >= MAX_MATCHES:
-                break
+        _, relative = self.confine(args.get("path", "."), allow_root=True)
+        matches: list[str] = []
+        with closing(self._contents(relative)) as contents:
+            for path, data in contents:
+                try:
+                    lines = data.decode("utf-8").splitlines()
+                except UnicodeDecodeError:
+                    continue
+                matches += [f"{path}:{n}: {line}" for n, line in enumerate(lines, 1)
+                            if needle in line]
+                if len(matches) >= MAX_MATCHES:
+                    break
         return ToolOutcome("\n".join(matches[:MAX_MATCHES]) or "(no matches)")
+
+    def _contents(self, relative: str) -> Iterator[tuple[str, bytes]]:
+        """The files to search: the one named, or the regular files under a directory (a
+        symlink or a hard-linked file may show a file outside the worktree: skipped)."""
+        kind = "directory" if relative == "." else safe_fs.kind(self.root, relative)
+        if kind is None:
+            raise ToolRefused(f"{relative} does not exist")
+        if kind != "directory":
+            yield relative, safe_fs.read_bytes(self.root, relative)
+            return
+        for path, dir_fd, name, st in self._walk(relative):
+            if stat.S_ISREG(st.st_mode) and st.st_nlink == 1:
+                data = safe_fs.read_at(dir_fd, name)
+                if data is not None:
+                    yield path, data
 
     # --- effects -------------------------------------------------------------------------
 
@@ -191,21 +248,29 @@ class ToolBox:
         return ToolOutcome(f"{verb} {relative}" + (" (already done)" if replayed else ""),
                            effect_key=row.key, changed_path=relative)
 
+    def _replay(self, call_id: str) -> bool:
+        """A call the ledger has seen already (a retried turn): its effect decides, not the
+        state of the tree now."""
+        return self.executor.ledger.for_step(self.spec_id, f"{self.step_prefix}/{call_id}") is not None
+
     def _write_file(self, args: dict, call_id: str) -> ToolOutcome:
         _, relative = self.confine(args.get("path"))
         content = args.get("content")
         if not isinstance(content, str):
             raise ToolRefused("content must be a string")
+        if not self._replay(call_id):  # refused with the tool's words before any effect exists
+            st = safe_fs.lstat(self.root, relative)
+            if st is not None:
+                safe_fs.refuse_leaf(st, relative)
         return self._effect("git.write_file", relative, call_id, {"content": content})
 
     def _delete_file(self, args: dict, call_id: str) -> ToolOutcome:
-        path, relative = self.confine(args.get("path"))
-        if path.is_symlink():  # delete the link itself, never what it points to
-            relative = path.relative_to(Path(self.workspace.worktree).resolve()).as_posix()
-        step = f"{self.step_prefix}/{call_id}"
-        if not path.is_file() and not path.is_symlink() and self.executor.ledger.for_step(
-                self.spec_id, step) is None:  # a replayed delete finds the file gone: that is fine
-            raise ToolRefused(f"{relative} is not a file")
+        _, relative = self.confine(args.get("path"), follow_leaf=False)
+        if not self._replay(call_id):  # a replayed delete finds the file gone: that is fine
+            st = safe_fs.lstat(self.root, relative)
+            if st is None:
+                raise ToolRefused(f"{relative} does not exist")
+            safe_fs.refuse_leaf(st, relative, symlink_ok=True)  # the link itself, never its target
         return self._effect("git.delete_file", relative, call_id, {})
 
     def _run_checks(self, _args: dict, _call_id: str) -> ToolOutcome:
@@ -213,4 +278,30 @@ class ToolBox:
         if not command:
             return ToolOutcome("no check command is configured for this workspace")
         run = run_check(command, self.workspace.worktree, self.check_timeout_s)
-        return ToolOutcome(run.report(), is_error=run.exit_code is None)
+        # getattr: older CheckRuns know nothing of sandboxes
+        refused = getattr(run, "refused", None)
+        text = run.report()
+        if isinstance(refused, str) and refused not in text:
+            text = f"not run: {refused}\n{text}"
+        return ToolOutcome(text, is_error=run.exit_code is None or bool(refused),
+                           unsandboxed=not refused and not getattr(run, "sandboxed", True))
+
+
+def _line(exc: BaseException) -> str:
+    """An error on one line, as the model sees it."""
+    return " ".join(str(exc).split())[:500] or type(exc).__name__
+
+
+def _enter(directory: str) -> bool:
+    return not safe_fs.is_dotgit(directory) and directory != "__pycache__"
+
+
+def _leads_inside(root: Path, link: Path) -> bool:
+    """Whether a symlink's target stays in the worktree and out of .git (for listing only:
+    reads never follow it)."""
+    try:
+        target = link.resolve()
+    except (RuntimeError, OSError):
+        return False
+    return (root in target.parents and not target.is_dir()
+            and not safe_fs.is_dotgit(target.relative_to(root).parts[0]))
