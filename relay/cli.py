@@ -7,23 +7,29 @@ every failure a person can cause prints one line `error: ...` and exits 1.
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import os
 import signal
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
+import typer.main
+from pydantic import ValidationError
 from sqlalchemy.exc import SQLAlchemyError
 from rich.console import Console
 from rich.prompt import Confirm, Prompt
 from rich.text import Text
+from typer import Abort
+from typer._click.exceptions import ClickException, NoArgsIsHelpError
 
-from relay import logs, view
-from relay.client import InvalidAnswer, RelayClient, RelayError, SpecFailed
-from relay.models import Phase, Question, WorkspaceInput
-from relay.settings import RelaySettings
+from relay import logs, one_line, view
+from relay.client import InvalidAnswer, RelayClient, RelayError, SpecFailed, validation_problem
+from relay.models import Phase, Question
+from relay.settings import RelaySettings, load_settings
 
 app = typer.Typer(help="relay: a durable five-agent pipeline on Temporal.", no_args_is_help=True,
                   add_completion=False, pretty_exceptions_enable=False)
@@ -38,8 +44,9 @@ TERMINAL = {Phase.completed, Phase.failed, Phase.cancelled}
 
 
 def fail(message: object) -> None:
-    """Print one line `error: ...` to stderr, whatever the message contains."""
-    err.print(Text.assemble(("error:", "red"), " ", " ".join(str(message).split())), soft_wrap=True)
+    """Print one line `error: ...` to stderr, whatever the message contains (undecodable bytes
+    included: one_line escapes them, so printing cannot fail in turn)."""
+    err.print(Text.assemble(("error:", "red"), " ", one_line(message, 2000)), soft_wrap=True)
 
 
 def say(message: str) -> None:
@@ -48,19 +55,18 @@ def say(message: str) -> None:
 
 
 def settings_for(address: str | None = None) -> RelaySettings:
-    """Settings from the environment; the address of a running `relay dev` when none is set."""
-    settings = RelaySettings()
+    """Settings from the environment; the address of a running `relay dev` when none is set.
+    An invalid RELAY_* value ends the command with `error: invalid setting RELAY_X: ...`."""
+    settings = load_settings()
     if address:
         settings.temporal_address = address
     elif "RELAY_TEMPORAL_ADDRESS" not in os.environ:
-        dev = settings.data_dir / DEV_FILE
-        if dev.exists():
-            try:
-                info = json.loads(dev.read_text())
-                os.kill(int(info["pid"]), 0)
-                settings.temporal_address = info["address"]
-            except (OSError, ValueError, KeyError):
-                pass
+        try:  # a stale, unreadable or foreign dev.json is no address at all
+            info = json.loads((settings.data_dir / DEV_FILE).read_text(encoding="utf-8"))
+            os.kill(int(info["pid"]), 0)
+            settings.temporal_address = str(info["address"])
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
     logs.configure(settings.log_format, settings.log_level)
     return settings
 
@@ -86,8 +92,9 @@ AutoApprove = Annotated[bool, typer.Option(
     "--auto-approve", help="Deliver without waiting for a human's approval")]
 
 
-def _workspace(path: Path | None, target: str, check: str | None) -> WorkspaceInput:
-    return WorkspaceInput(path=str(path) if path else None, target=target, check=check)
+def _workspace(path: Path | None, target: str, check: str | None) -> dict[str, Any]:
+    """The workspace as plain fields: the client checks them and says what is wrong."""
+    return {"path": str(path) if path else None, "target": target, "check": check}
 
 
 # --- servers -----------------------------------------------------------------------
@@ -320,8 +327,17 @@ def status(spec_id: str, as_json: AsJson = False, address: Address = None) -> No
     """Phase, current agent, rounds, pending questions, sessions and token usage."""
 
     async def go() -> None:
-        st = await (await _client(address)).status(spec_id)
-        out.print_json(st.model_dump_json()) if as_json else view.print_status(out, st)
+        rc = await _client(address)
+        st = await rc.status(spec_id)
+        # Temporal holds the status; the registry only the conversations. While the registry
+        # is down the status is still true, and it says the registry is down.
+        problem = await rc.registry_problem(spec_id)
+        if as_json:
+            out.print_json(st.model_dump_json())
+            if problem:
+                err.print(Text(f"warning: registry unreachable: {one_line(problem)}"), soft_wrap=True)
+        else:
+            view.print_status(out, st, registry_problem=problem)
 
     run_async(go())
 
@@ -364,9 +380,6 @@ def _registry_read(read: Any) -> Any:
         return read(RelayClient(None, settings_for()))  # type: ignore[arg-type]
     except RelayError as exc:
         fail(exc)
-        raise typer.Exit(1) from None
-    except SQLAlchemyError as exc:  # the database went away mid-read
-        fail(f"the relay registry failed: {getattr(exc, 'orig', None) or exc}")
         raise typer.Exit(1) from None
 
 
@@ -493,8 +506,11 @@ def _request_text(arg: str) -> str:
     if is_file:
         try:
             return path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            fail(f"cannot read {arg}: {exc}")
+        except UnicodeDecodeError as exc:
+            fail(f"{arg} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start})")
+            raise typer.Exit(1) from None
+        except OSError as exc:
+            fail(f"cannot read {arg}: {exc.strerror or exc}")
             raise typer.Exit(1) from None
     if not any(c.isspace() for c in arg.strip()) and path.suffix in {".md", ".txt", ".json"}:
         fail(f"file not found: {arg}")
@@ -502,19 +518,64 @@ def _request_text(arg: str) -> str:
     return arg
 
 
-def main() -> None:
-    """Entry point. Exits through os._exit: a Temporal client can crash at interpreter exit."""
+def run_cli(argv: Sequence[str] | None = None) -> int:
+    """Run one command and return its exit code; every failure is one `error: ...` line.
+
+    0 success, 1 a failure (RelayError or anything else), 2 a usage error (as click has it).
+    Click runs outside its standalone mode so that its usage errors come back here and are
+    printed as one line, like every other error."""
+    command = typer.main.get_command(app)
     try:
-        app()
-        code = 0
+        code = command.main(args=list(sys.argv[1:] if argv is None else argv), prog_name="relay",
+                            standalone_mode=False)
+        return code if isinstance(code, int) else 0
+    except NoArgsIsHelpError:
+        return 2  # the help has been printed
+    except ClickException as exc:
+        fail(f"{exc.format_message()} (see relay --help)")
+        return exc.exit_code
+    except Abort:
+        fail("aborted")
+        return 1
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        fail("interrupted")
+        return 130
     except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    except RelayError as exc:
-        fail(exc)
-        code = 1
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except Exception as exc:  # the floor: whatever escaped, one line and exit 1
+        fail(_unexpected(exc))
+        return 1
+
+
+def _unexpected(exc: Exception) -> str:
+    if isinstance(exc, RelayError):
+        return str(exc)
+    if isinstance(exc, ValidationError):
+        return f"invalid input: {validation_problem(exc)}"
+    if isinstance(exc, SQLAlchemyError):
+        return f"the relay registry failed: {getattr(exc, 'orig', None) or exc}"
+    if isinstance(exc, OSError) and exc.errno == errno.EPIPE:
+        return "output closed"
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _flush() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe: nothing more can be said
+            pass
+
+
+def main() -> None:
+    """Entry point. Exits through os._exit on every path, errors included: a process that used
+    a Temporal client can abort at interpreter exit (temporalio/sdk-python#300)."""
+    code = 1
+    try:
+        code = run_cli()
+    finally:
+        _flush()
+        os._exit(code)
 
 
 if __name__ == "__main__":

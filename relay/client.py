@@ -8,27 +8,36 @@ cause surfaces as a RelayError subclass with a one-line message.
 from __future__ import annotations
 
 import asyncio
+import functools
+import inspect
 import subprocess
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+from pydantic import BaseModel, ValidationError
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import ArgumentError, SQLAlchemyError
+from temporalio.api.common.v1 import Payloads
 from temporalio.client import (
     Client,
+    PayloadLimitsConfig,
+    RPCTimeoutOrCancelledError,
     WorkflowExecutionStatus as ExecStatus,
     WorkflowFailureError,
     WorkflowHandle,
+    WorkflowQueryFailedError,
+    WorkflowQueryRejectedError,
     WorkflowUpdateFailedError,
 )
 from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
-from temporalio.contrib.pydantic import pydantic_data_converter
-from temporalio.exceptions import WorkflowAlreadyStartedError
+from relay.converter import data_converter as pydantic_data_converter
+from temporalio.exceptions import TemporalError, WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
+from relay import one_line
 from relay.ledger import EffectRecord, Ledger
 from relay.models import (
     WORKFLOW_TYPE, AnswerAck, AnswerInput, ApprovalInput, CompensationInput, CompensationReport,
@@ -36,8 +45,14 @@ from relay.models import (
     WorkspaceInput, spec_id_problem,
 )
 from relay.registry import AgentSession, Registry, SessionMessage
-from relay.settings import RelaySettings
+from relay.settings import RelaySettings, load_settings, setting_problem
 
+# The Temporal server's default `limit.blobSize.error`: a larger payload is refused by the
+# server. relay refuses it first, naming what was too large.
+TEMPORAL_PAYLOAD_LIMIT = 2 * 1024 * 1024
+# Temporal's limit on a workflow id (`limit.maxIDLength`); longer ids are refused by the server.
+SPEC_REF_MAX = 1000
+CONNECT_TIMEOUT_S = 10.0
 
 
 class RelayError(Exception):
@@ -46,6 +61,14 @@ class RelayError(Exception):
 
 class InvalidRequest(RelayError):
     pass
+
+
+class PayloadTooLarge(InvalidRequest):
+    """The request, answer or reason would exceed Temporal's payload size limit."""
+
+
+class InvalidSettings(RelayError):
+    """A RELAY_* setting is out of bounds or not of its type."""
 
 
 class SpecNotFound(RelayError):
@@ -84,7 +107,63 @@ def new_spec_id() -> str:
     return f"spec-{uuid.uuid4().hex[:10]}"
 
 
+def check_text(value: object, what: str, *, optional: bool = False) -> Any:
+    """`value` if it is text that can travel (UTF-8); else InvalidRequest naming `what`.
+    Undecodable bytes from the OS reach Python as lone surrogates, which UTF-8 cannot encode."""
+    if value is None and optional:
+        return None
+    if not isinstance(value, str):
+        raise InvalidRequest(f"{what} must be text, not {type(value).__name__}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidRequest(f"{what} is not valid UTF-8 text: {one_line(repr(value), 120)}") from None
+    return value
+
+
+def validation_problem(exc: ValidationError) -> str:
+    """`field.path: why` for the first problem pydantic found, on one line."""
+    errors = exc.errors(include_url=False)
+    first = errors[0]
+    where = ".".join(str(part) for part in first["loc"])
+    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+    return one_line(f"{where + ': ' if where else ''}{first['msg']}{more}")
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def check_model(model: type[M], value: object, what: str) -> M:
+    """`value` (a `model` or a mapping of its fields) validated afresh: an instance may have been
+    changed after it was built, and pydantic does not re-check assignments."""
+    if isinstance(value, model):
+        value = value.model_dump(warnings=False)
+    if not isinstance(value, Mapping):
+        raise InvalidRequest(f"{what} must be a {model.__name__} or a mapping, "
+                             f"not {type(value).__name__}")
+    try:
+        return model.model_validate(dict(value))
+    except ValidationError as exc:
+        raise InvalidRequest(f"invalid {what}: {validation_problem(exc)}") from None
+
+
+def check_flag(value: object, what: str) -> bool:
+    if not isinstance(value, bool):
+        raise InvalidRequest(f"{what} must be True or False, not {type(value).__name__}")
+    return value
+
+
+def check_payload(value: BaseModel, what: str) -> None:
+    """Refuse a payload Temporal would refuse (its blob size limit), before sending it."""
+    payloads = pydantic_data_converter.payload_converter.to_payloads([value])
+    size = Payloads(payloads=payloads).ByteSize()
+    if size > TEMPORAL_PAYLOAD_LIMIT:
+        raise PayloadTooLarge(f"{what} is {size:,} bytes once encoded; Temporal refuses payloads "
+                              f"over {TEMPORAL_PAYLOAD_LIMIT:,} bytes (its blob size limit)")
+
+
 def check_request(text: str, max_bytes: int) -> str:
+    check_text(text, "the request")
     if not text or not text.strip():
         raise InvalidRequest("the request is empty")
     size = len(text.encode("utf-8"))
@@ -95,26 +174,51 @@ def check_request(text: str, max_bytes: int) -> str:
 
 
 def check_spec_id(spec_id: str) -> str:
+    """A new spec's id: it names a git branch and a directory, so the strict rule applies."""
+    check_text(spec_id, "the spec id")
     if problem := spec_id_problem(spec_id):
-        raise InvalidRequest(problem)
+        raise InvalidRequest(one_line(problem))
+    return spec_id
+
+
+def check_spec_ref(spec_id: str) -> str:
+    """An existing spec's id: any text Temporal accepts as a workflow id (a spec started from
+    the Web UI may have any id), but never empty, too long or undecodable."""
+    check_text(spec_id, "the spec id")
+    if not spec_id.strip():
+        raise InvalidRequest("the spec id is empty")
+    if len(spec_id.encode("utf-8")) > SPEC_REF_MAX:
+        raise InvalidRequest(f"the spec id is {len(spec_id.encode('utf-8')):,} bytes; "
+                             f"Temporal allows at most {SPEC_REF_MAX:,}")
     return spec_id
 
 
 async def connect_temporal(address: str, namespace: str = "default") -> Client:
-    """A Temporal client with relay's data converter, or TemporalUnreachable in one line."""
+    """A Temporal client with relay's data converter, or TemporalUnreachable in one line.
+
+    The core's own payload-size warning is off: relay refuses oversized payloads itself
+    (check_payload), and the warning would break the CLI's one-line output."""
+    check_text(address, "the Temporal address")
+    check_text(namespace, "the Temporal namespace")
     try:
         return await asyncio.wait_for(
-            Client.connect(address, namespace=namespace, data_converter=pydantic_data_converter),
-            timeout=15)
-    except (RuntimeError, OSError, ValueError, asyncio.TimeoutError) as exc:
-        raise TemporalUnreachable(f"cannot reach Temporal at {address}: "
-                                  f"{_one_line(str(exc)) or 'timed out'}") from None
+            Client.connect(address, namespace=namespace, data_converter=pydantic_data_converter,
+                           connect_timeout=timedelta(seconds=CONNECT_TIMEOUT_S),
+                           payload_limits=PayloadLimitsConfig(payloads_warn_size=0)),
+            timeout=CONNECT_TIMEOUT_S + 5)
+    except (RuntimeError, OSError, ValueError, asyncio.TimeoutError, RPCError) as exc:
+        raise TemporalUnreachable(f"cannot reach Temporal at {one_line(address, 200)}: "
+                                  f"{one_line(exc) or 'timed out'}") from None
 
 
 def open_registry(url: str, *, must_exist: bool = False) -> Registry:
     """The registry at `url`, or RegistryUnavailable in one line (never with the password).
     Readers pass must_exist: a missing SQLite file means the wrong data directory."""
-    safe = make_url(url).render_as_string(hide_password=True)
+    check_text(url, "the registry URL (RELAY_DATABASE_URL)")
+    try:
+        safe = make_url(url).render_as_string(hide_password=True)
+    except (ArgumentError, ValueError):
+        raise RegistryUnavailable("the registry URL (RELAY_DATABASE_URL) is not a database URL") from None
     if must_exist and url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).exists():
         raise RegistryUnavailable(f"no relay registry at {safe} (set RELAY_DATA_DIR or "
                                   "RELAY_DATABASE_URL to the one your workers use)")
@@ -122,7 +226,7 @@ def open_registry(url: str, *, must_exist: bool = False) -> Registry:
         return Registry.from_url(url)
     except SQLAlchemyError as exc:
         raise RegistryUnavailable(f"cannot open the relay registry at {safe}: "
-                                  f"{_one_line(str(getattr(exc, 'orig', None) or exc))}") from None
+                                  f"{one_line(getattr(exc, 'orig', None) or exc)}") from None
     except ModuleNotFoundError as exc:
         raise RegistryUnavailable(f"the driver for {safe} is not installed ({exc.name}); "
                                   "for PostgreSQL install relay[postgres]") from None
@@ -132,30 +236,89 @@ def check_workspace(workspace: WorkspaceInput) -> WorkspaceInput:
     """A named repository must exist here, be a git repository and have the target branch."""
     if workspace.path is None:
         return workspace
-    path = Path(workspace.path).expanduser().resolve()
-    if not path.is_dir():
-        raise InvalidRequest(f"workspace {workspace.path} does not exist")
+    shown = one_line(workspace.path, 200)
+    try:
+        path = Path(workspace.path).expanduser().resolve()
+        is_dir = path.is_dir()
+    except (OSError, ValueError) as exc:  # too long, a NUL byte, a loop of links
+        raise InvalidRequest(f"workspace {shown} cannot be used: "
+                             f"{one_line(getattr(exc, 'strerror', None) or exc)}") from None
+    if not is_dir:
+        raise InvalidRequest(f"workspace {shown} does not exist")
     probe = subprocess.run(["git", "-C", str(path), "rev-parse", "--show-toplevel"],
                            capture_output=True, text=True)
     if probe.returncode != 0:
-        raise InvalidRequest(f"workspace {workspace.path} is not a git repository")
+        raise InvalidRequest(f"workspace {shown} is not a git repository")
     if subprocess.run(["git", "-C", str(path), "rev-parse", "--verify", "--quiet",
                        f"refs/heads/{workspace.target}"], capture_output=True).returncode != 0:
-        raise InvalidRequest(f"workspace {workspace.path} has no branch {workspace.target!r}")
+        raise InvalidRequest(f"workspace {shown} has no branch {one_line(repr(workspace.target), 200)}")
     return workspace.model_copy(update={"path": probe.stdout.strip()})
+
+
+def _sdk_error(exc: Exception, what: str) -> RelayError:
+    """Whatever escaped a public method, as the RelayError a caller can catch, cause kept.
+
+    The checks above refuse bad input with precise messages; this is the floor under them, so
+    that a library's exception (pydantic, SQLAlchemy, Temporal) never reaches a caller raw."""
+    if isinstance(exc, RelayError):
+        return exc
+    if isinstance(exc, ValidationError):
+        return InvalidRequest(f"{what}: invalid input: {validation_problem(exc)}")
+    if isinstance(exc, SQLAlchemyError):
+        return RegistryUnavailable(f"the relay registry failed: "
+                                   f"{one_line(getattr(exc, 'orig', None) or exc)}")
+    if isinstance(exc, RPCError):
+        return _rpc_error(exc, None)
+    if isinstance(exc, (TypeError, ValueError, UnicodeError)):
+        return InvalidRequest(f"{what}: {one_line(exc)}")
+    if isinstance(exc, TemporalError):
+        return RelayError(f"{what}: Temporal: {one_line(exc)}")
+    return RelayError(f"{what} failed: {type(exc).__name__}: {one_line(exc)}")
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def relay_errors(method: F) -> F:
+    """Make a public method raise RelayError subclasses only (sync or async)."""
+    what = method.__name__.strip("_")
+    if inspect.iscoroutinefunction(method):
+        @functools.wraps(method)
+        async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return await method(*args, **kwargs)
+            except Exception as exc:
+                raise _sdk_error(exc, what) from exc
+
+        return async_wrapper  # type: ignore[return-value]
+
+    @functools.wraps(method)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(*args, **kwargs)
+        except Exception as exc:
+            raise _sdk_error(exc, what) from exc
+
+    return wrapper  # type: ignore[return-value]
 
 
 class RelayClient:
     def __init__(self, client: Client, settings: RelaySettings | None = None,
                  registry: Registry | None = None) -> None:
+        if settings is not None and not isinstance(settings, RelaySettings):
+            raise InvalidSettings(f"settings must be RelaySettings, not {type(settings).__name__}")
         self.temporal = client
-        self.settings = settings or RelaySettings()
+        self.settings = settings or load_settings()
         self._registry = registry
 
     @classmethod
+    @relay_errors
     async def connect(cls, settings: RelaySettings | None = None, *,
                       address: str | None = None) -> RelayClient:
-        settings = settings or RelaySettings()
+        if settings is not None and not isinstance(settings, RelaySettings):
+            raise InvalidSettings(f"settings must be RelaySettings, not {type(settings).__name__}")
+        settings = settings or load_settings()
+        address = check_text(address, "the Temporal address", optional=True)
         client = await connect_temporal(address or settings.temporal_address, settings.namespace)
         return cls(client, settings)
 
@@ -168,8 +331,34 @@ class RelayClient:
     def _handle(self, spec_id: str, run_id: str | None = None) -> WorkflowHandle[Any, PipelineResult]:
         return self.temporal.get_workflow_handle(spec_id, run_id=run_id, result_type=PipelineResult)
 
+    def _limits(self, limits: Limits | Mapping[str, Any] | None) -> Limits:
+        """The run's limits: given ones checked, else the settings' (which may have been
+        changed after loading, so they are checked too)."""
+        if limits is not None:
+            return check_model(Limits, limits, "limits")
+        try:
+            return self.settings.limits()
+        except ValidationError as exc:
+            raise InvalidSettings(setting_problem(exc)) from None
+
+    def _spec_input(self, request: str, *, iterate: bool, limits: Any, workspace: Any,
+                    auto_approve: Any, hooks: Any) -> SpecInput:
+        """The start input, every part checked, small enough for Temporal."""
+        checked = self._limits(limits)
+        check_request(request, checked.max_request_bytes)
+        check_flag(auto_approve, "auto_approve")
+        if hooks is not None and not isinstance(hooks, (list, tuple)):
+            raise InvalidRequest(f"hooks must be a list, not {type(hooks).__name__}")
+        spec = SpecInput(
+            request=request, iterate=iterate, limits=checked, auto_approve=auto_approve,
+            workspace=check_workspace(check_model(WorkspaceInput, workspace or {}, "workspace")),
+            hooks=[check_model(HookEffect, hook, "hook") for hook in hooks or []])
+        check_payload(spec, "the request")
+        return spec
+
     # --- starting ------------------------------------------------------------------
 
+    @relay_errors
     async def run(self, request: str, *, spec_id: str | None = None,
                   limits: Limits | None = None, workspace: WorkspaceInput | None = None,
                   auto_approve: bool = False, hooks: list[HookEffect] | None = None) -> str:
@@ -178,15 +367,12 @@ class RelayClient:
         `workspace`: the git repository the agents work on (default: a fresh one relay
         creates); `auto_approve`: deliver without waiting for a human.
         """
-        limits = limits or self.settings.limits()
-        check_request(request, limits.max_request_bytes)
-        spec_id = check_spec_id(spec_id) if spec_id else new_spec_id()
-        workspace = check_workspace(workspace or WorkspaceInput())
+        spec_id = check_spec_id(spec_id) if spec_id is not None else new_spec_id()
+        spec = self._spec_input(request, iterate=False, limits=limits, workspace=workspace,
+                                auto_approve=auto_approve, hooks=hooks)
         try:
             await self.temporal.start_workflow(
-                WORKFLOW_TYPE, SpecInput(request=request, limits=limits, workspace=workspace,
-                                         auto_approve=auto_approve, hooks=hooks or []), id=spec_id,
-                task_queue=self.settings.task_queue,
+                WORKFLOW_TYPE, spec, id=spec_id, task_queue=self.settings.task_queue,
                 id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
                 static_summary=f"relay spec {spec_id}")
         except WorkflowAlreadyStartedError:
@@ -198,13 +384,14 @@ class RelayClient:
             raise _rpc_error(exc, spec_id) from None
         return spec_id
 
+    @relay_errors
     async def iterate(self, spec_id: str, change_request: str, *, limits: Limits | None = None,
                       workspace: WorkspaceInput | None = None, auto_approve: bool = False,
                       hooks: list[HookEffect] | None = None) -> str:
         """Start the next iteration of a finished spec; all five agents resume their sessions."""
-        limits = limits or self.settings.limits()
-        check_request(change_request, limits.max_request_bytes)
-        workspace = check_workspace(workspace or WorkspaceInput())
+        check_spec_ref(spec_id)
+        spec = self._spec_input(change_request, iterate=True, limits=limits, workspace=workspace,
+                                auto_approve=auto_approve, hooks=hooks)
         desc = await self._describe(spec_id)
         if desc.status == ExecStatus.RUNNING:
             raise SpecAlreadyRunning(f"spec {spec_id} is still running; wait for it or cancel it first")
@@ -213,10 +400,7 @@ class RelayClient:
                                      "iterate when it is done")
         try:
             handle = await self.temporal.start_workflow(
-                WORKFLOW_TYPE, SpecInput(request=change_request, iterate=True, limits=limits,
-                                         workspace=workspace, auto_approve=auto_approve,
-                                         hooks=hooks or []),
-                id=spec_id, task_queue=self.settings.task_queue,
+                WORKFLOW_TYPE, spec, id=spec_id, task_queue=self.settings.task_queue,
                 id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE,
                 static_summary=f"relay spec {spec_id} (iteration)")
         except WorkflowAlreadyStartedError:
@@ -227,44 +411,68 @@ class RelayClient:
 
     # --- people in the loop ----------------------------------------------------------
 
+    @relay_errors
     async def answer(self, spec_id: str, answers: Mapping[str, str]) -> AnswerAck:
         """Answer the clarifier's pending questions; rejected at once if they do not fit."""
+        check_spec_ref(spec_id)
+        if not isinstance(answers, Mapping):
+            raise InvalidAnswer("answers must map question ids to text, not "
+                                f"{type(answers).__name__}")
+        try:
+            for qid, text in answers.items():
+                check_text(qid, "a question id")
+                check_text(text, f"the answer to {one_line(repr(qid), 60)}")
+        except InvalidRequest as exc:
+            raise InvalidAnswer(f"answers must map question ids to text: {exc}") from None
         try:
             payload = AnswerInput(answers=dict(answers))
-        except ValueError as exc:
-            raise InvalidAnswer(f"answers must map question ids to text: {_one_line(str(exc))}") from None
+        except ValidationError as exc:
+            raise InvalidAnswer(f"answers must map question ids to text: "
+                                f"{validation_problem(exc)}") from None
+        check_payload(payload, "the answers")
         try:
             return await self._handle(spec_id).execute_update(
                 "answer", payload, result_type=AnswerAck, rpc_timeout=timedelta(seconds=30))
         except WorkflowUpdateFailedError as exc:
             cause = exc.cause
-            raise InvalidAnswer(f"answer rejected: {getattr(cause, 'message', None) or cause}") from None
+            raise InvalidAnswer(f"answer rejected: {one_line(getattr(cause, 'message', None) or cause)}") from None
         except RPCError as exc:
             raise _rpc_error(exc, spec_id) from None
 
+    @relay_errors
     async def approve(self, spec_id: str, *, reviewer: str | None = None,
                       comment: str | None = None) -> Decision:
         """Approve delivery of a validated change (the irreversible step)."""
+        check_spec_ref(spec_id)
+        check_text(reviewer, "the reviewer", optional=True)
+        check_text(comment, "the comment", optional=True)
         return await self._decide(spec_id, "approve", ApprovalInput(reviewer=reviewer, comment=comment))
 
+    @relay_errors
     async def reject(self, spec_id: str, reason: str, *, reviewer: str | None = None) -> Decision:
         """Reject the change; every side effect of the run is compensated."""
-        if not reason or not reason.strip():
+        check_spec_ref(spec_id)
+        check_text(reason, "the reason")
+        check_text(reviewer, "the reviewer", optional=True)
+        if not reason.strip():
             raise InvalidRequest("a rejection needs a reason")
         return await self._decide(spec_id, "reject", RejectInput(reason=reason, reviewer=reviewer))
 
-    async def _decide(self, spec_id: str, update: str, payload: object) -> Decision:
+    async def _decide(self, spec_id: str, update: str, payload: BaseModel) -> Decision:
+        check_payload(payload, f"the {update} decision")
         try:
             return await self._handle(spec_id).execute_update(
                 update, payload, result_type=Decision, rpc_timeout=timedelta(seconds=30))
         except WorkflowUpdateFailedError as exc:
             cause = exc.cause
-            raise InvalidAnswer(f"{update} refused: {getattr(cause, 'message', None) or cause}") from None
+            raise InvalidAnswer(f"{update} refused: {one_line(getattr(cause, 'message', None) or cause)}") from None
         except RPCError as exc:
             raise _rpc_error(exc, spec_id) from None
 
+    @relay_errors
     async def compensate(self, spec_id: str) -> CompensationReport:
         """Re-run the compensations still pending for a spec that is not running."""
+        check_spec_ref(spec_id)
         try:
             running = await self._is_running(spec_id)
         except SpecNotFound:
@@ -279,21 +487,25 @@ class RelayClient:
 
         try:
             return await self.temporal.execute_workflow(
-                COMPENSATION_WORKFLOW, CompensationInput(spec_id=spec_id, limits=self.settings.limits()),
+                COMPENSATION_WORKFLOW, CompensationInput(spec_id=spec_id, limits=self._limits(None)),
                 id=compensation_workflow_id(spec_id), task_queue=self.settings.task_queue,
                 result_type=CompensationReport,
                 id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING)
         except RPCError as exc:
             raise _rpc_error(exc, spec_id) from None
 
+    @relay_errors
     def effects(self, spec_id: str) -> list[EffectRecord]:
         """The effects ledger of a spec, oldest first."""
+        check_spec_ref(spec_id)
         rows = Ledger(self.registry).effects(spec_id)
         if not rows and self.registry.spec(spec_id) is None:
             raise SpecNotFound(f"unknown spec {spec_id!r} in the registry")
         return rows
 
+    @relay_errors
     async def cancel(self, spec_id: str) -> None:
+        check_spec_ref(spec_id)
         await self._require_running(spec_id)
         try:
             await self._handle(spec_id).cancel()
@@ -302,35 +514,70 @@ class RelayClient:
 
     # --- reading state -------------------------------------------------------------------
 
+    @relay_errors
     async def status(self, spec_id: str) -> Status:
+        check_spec_ref(spec_id)
         try:
             return await self._handle(spec_id).query(
                 "status", result_type=Status, rpc_timeout=timedelta(seconds=20))
         except RPCError as exc:
             raise _rpc_error(exc, spec_id) from None
+        except (WorkflowQueryFailedError, WorkflowQueryRejectedError) as exc:
+            raise RelayError(f"the status of spec {spec_id} cannot be read: {one_line(exc)}") from None
+        except RPCTimeoutOrCancelledError:
+            raise RelayError(f"Temporal did not answer in time for spec {spec_id} "
+                             "(is a relay worker running?)") from None
 
+    @relay_errors
+    async def registry_problem(self, spec_id: str | None = None, timeout: float = 5.0) -> str | None:
+        """Why the registry cannot be read right now, or None when it can.
+
+        `relay status` shows Temporal's view of a spec even while the registry is down, and says
+        that it is down. A read that hangs (a server that stopped answering) counts as down."""
+        if spec_id is not None:
+            check_spec_ref(spec_id)
+
+        def probe() -> None:
+            self.registry.spec(spec_id or "")
+
+        try:
+            await asyncio.wait_for(asyncio.to_thread(probe), timeout)
+        except asyncio.TimeoutError:
+            return f"the relay registry did not answer within {timeout:g} s"
+        except RelayError as exc:
+            return str(exc)
+        except SQLAlchemyError as exc:
+            return f"the relay registry failed: {one_line(getattr(exc, 'orig', None) or exc)}"
+        return None
+
+    @relay_errors
     async def result(self, spec_id: str) -> PipelineResult:
         """Wait for the current run to finish; raises SpecFailed with the reason if it failed."""
+        check_spec_ref(spec_id)
         try:
             return await self._handle(spec_id).result()
         except WorkflowFailureError as exc:
             cause = exc.cause
             reason = getattr(cause, "message", None) or str(cause)
-            raise SpecFailed(f"spec {spec_id} {_status_word(cause)}: {_one_line(reason)}") from None
+            raise SpecFailed(f"spec {spec_id} {_status_word(cause)}: {one_line(reason)}") from None
         except RPCError as exc:
             raise _rpc_error(exc, spec_id) from None
 
+    @relay_errors
     def sessions(self, spec_id: str) -> list[AgentSession]:
+        check_spec_ref(spec_id)
         rows = self.registry.sessions(spec_id)
         if not rows and self.registry.spec(spec_id) is None:
             raise SpecNotFound(f"unknown spec {spec_id!r} in the registry")
         return rows
 
+    @relay_errors
     def history(self, spec_id: str, role: Role | str) -> tuple[AgentSession, list[SessionMessage]]:
+        check_spec_ref(spec_id)
         try:
             role = Role(role)
-        except ValueError:
-            raise InvalidRequest(f"unknown role {role!r}; roles: "
+        except (ValueError, TypeError):
+            raise InvalidRequest(f"unknown role {one_line(repr(role), 80)}; roles: "
                                  + ", ".join(r.value for r in Role)) from None
         session = self.registry.find_session(spec_id, role)
         if session is None:
@@ -338,6 +585,7 @@ class RelayClient:
             raise SpecNotFound(f"spec {spec_id} has no {role.value} session yet")
         return session, self.registry.messages(session.id)
 
+    @relay_errors
     def orchestration_state(self, spec_id: str) -> dict[str, dict[str, Any]]:
         self.sessions(spec_id)
         return self.registry.orchestration_state(spec_id)
@@ -370,22 +618,32 @@ class RelayClient:
             raise SpecNotRunning(f"spec {spec_id} is not running ({desc.status.name.lower()})")
 
 
-def _rpc_error(exc: RPCError, spec_id: str) -> RelayError:
+def _too_large(exc: RPCError) -> bool:
+    """The server's words for a payload over its blob limit or over gRPC's message limit."""
+    message = exc.message.lower()
+    return ("size exceeds limit" in message or "larger than max" in message
+            or (exc.status == RPCStatusCode.RESOURCE_EXHAUSTED and "size" in message))
+
+
+def _rpc_error(exc: RPCError, spec_id: str | None) -> RelayError:
+    spec = f"spec {spec_id}" if spec_id is not None else "the call"
+    if _too_large(exc):
+        return PayloadTooLarge(f"Temporal refused {spec}: the payload is too large "
+                               f"({one_line(exc.message)})")
     if exc.status == RPCStatusCode.NOT_FOUND:
         if "already completed" in exc.message or "closed" in exc.message:
-            return SpecNotRunning(f"spec {spec_id} is not running any more")
-        return SpecNotFound(f"unknown spec {spec_id!r}")
+            return SpecNotRunning(f"{spec} is not running any more")
+        return SpecNotFound(f"unknown spec {spec_id!r}" if spec_id is not None else
+                            f"not found: {one_line(exc.message)}")
     if exc.status == RPCStatusCode.UNAVAILABLE:
-        return TemporalUnreachable(f"Temporal is unreachable: {_one_line(exc.message)}")
+        return TemporalUnreachable(f"Temporal is unreachable: {one_line(exc.message)}")
     if exc.status == RPCStatusCode.DEADLINE_EXCEEDED:
-        return RelayError(f"Temporal did not answer in time for spec {spec_id} "
+        return RelayError(f"Temporal did not answer in time for {spec} "
                           "(is a relay worker running?)")
-    return RelayError(f"Temporal refused the call for spec {spec_id}: {_one_line(exc.message)}")
+    if exc.status == RPCStatusCode.INVALID_ARGUMENT:
+        return InvalidRequest(f"Temporal refused {spec}: {one_line(exc.message)}")
+    return RelayError(f"Temporal refused the call for {spec}: {one_line(exc.message)}")
 
 
 def _status_word(cause: object) -> str:
     return "was cancelled" if type(cause).__name__ == "CancelledError" else "failed"
-
-
-def _one_line(text: str) -> str:
-    return " ".join(text.split())[:500]

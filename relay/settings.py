@@ -7,12 +7,24 @@ renders in logs, reprs or workflow inputs.
 
 from __future__ import annotations
 
+from copy import copy
 from pathlib import Path
+from typing import Any
 
-from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
+from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from relay import one_line
 from relay.models import Limits
+
+SECRET_SETTINGS = {"anthropic_api_key", "database_url"}  # never echoed in an error
+
+
+def like_limits(name: str) -> FieldInfo:
+    """The default and bounds of `Limits.<name>`, so a setting accepts exactly what a run's
+    limits accept: a bad RELAY_* value is refused when settings load, not when a spec starts."""
+    return copy(Limits.model_fields[name])
 
 
 class RelaySettings(BaseSettings):
@@ -22,9 +34,9 @@ class RelaySettings(BaseSettings):
     database_url: str | None = Field(
         default=None, description="SQLAlchemy URL of the registry; default sqlite in data_dir"
     )
-    temporal_address: str = "127.0.0.1:7233"
-    namespace: str = "default"
-    task_queue: str = "relay"
+    temporal_address: str = Field(default="127.0.0.1:7233", min_length=1)
+    namespace: str = Field(default="default", min_length=1)
+    task_queue: str = Field(default="relay", min_length=1)
 
     anthropic_api_key: SecretStr | None = Field(
         default=None, validation_alias=AliasChoices("ANTHROPIC_API_KEY", "RELAY_ANTHROPIC_API_KEY")
@@ -32,21 +44,21 @@ class RelaySettings(BaseSettings):
     anthropic_base_url: str | None = Field(
         default=None, validation_alias=AliasChoices("ANTHROPIC_BASE_URL", "RELAY_ANTHROPIC_BASE_URL")
     )
-    model: str = "claude-sonnet-4-5"
-    max_tokens: int = 4096
+    model: str = Field(default="claude-sonnet-4-5", min_length=1)
+    max_tokens: int = Field(default=4096, ge=1, le=1_000_000)
 
-    max_request_bytes: int = 200_000
-    max_clarify_rounds: int = 3
-    max_audit_rounds: int = 3
-    max_fix_rounds: int = 3
-    answer_timeout_s: float | None = None
-    model_max_attempts: int = 6
-    turn_timeout_s: float = 600
-    heartbeat_timeout_s: float = 60
-    max_tool_steps: int = 25
-    check_timeout_s: float = 300
-    effect_max_attempts: int = 5
-    compensation_max_attempts: int = 3
+    max_request_bytes: int = like_limits("max_request_bytes")
+    max_clarify_rounds: int = like_limits("max_clarify_rounds")
+    max_audit_rounds: int = like_limits("max_audit_rounds")
+    max_fix_rounds: int = like_limits("max_fix_rounds")
+    answer_timeout_s: float | None = like_limits("answer_timeout_s")
+    model_max_attempts: int = like_limits("model_max_attempts")
+    turn_timeout_s: float = like_limits("turn_timeout_s")
+    heartbeat_timeout_s: float = like_limits("heartbeat_timeout_s")
+    max_tool_steps: int = like_limits("max_tool_steps")
+    check_timeout_s: float = like_limits("check_timeout_s")
+    effect_max_attempts: int = like_limits("effect_max_attempts")
+    compensation_max_attempts: int = like_limits("compensation_max_attempts")
 
     max_cached_workflows: int = Field(default=1000, ge=0, description="worker's sticky cache")
     max_concurrent_activities: int = Field(default=100, ge=1)
@@ -83,3 +95,25 @@ class RelaySettings(BaseSettings):
             effect_max_attempts=self.effect_max_attempts,
             compensation_max_attempts=self.compensation_max_attempts,
         )
+
+
+def setting_problem(exc: ValidationError, settings: type[BaseSettings] = RelaySettings) -> str:
+    """`invalid setting RELAY_X: why (got V)` for the first invalid value, on one line."""
+    error = exc.errors(include_url=False)[0]
+    field = str(error["loc"][0]) if error["loc"] else ""
+    prefix = settings.model_config.get("env_prefix", "")
+    name = (prefix + field).upper() if field else "(settings)"
+    got = "" if field in SECRET_SETTINGS or "input" not in error else (
+        f" (got {one_line(repr(error['input']), 80)})")
+    return f"invalid setting {name}: {one_line(error['msg'])}{got}"
+
+
+def load_settings(**values: Any) -> RelaySettings:
+    """RelaySettings from the environment (and `values`); InvalidSettings in one line if any
+    value is out of bounds, so no run ever starts with limits it cannot keep."""
+    from relay.client import InvalidSettings
+
+    try:
+        return RelaySettings(**values)
+    except ValidationError as exc:
+        raise InvalidSettings(setting_problem(exc)) from None

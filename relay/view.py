@@ -56,7 +56,8 @@ def print_questions(console: Console, questions: list[Question]) -> None:
         console.print(Text.assemble("  ", (q.id, "bold"), "  ", q.text))
 
 
-def print_status(console: Console, st: Status) -> None:
+def print_status(console: Console, st: Status, registry_problem: str | None = None) -> None:
+    """The spec as Temporal has it; `registry_problem`: why the registry cannot be read now."""
     console.print(f"[bold]{escape(st.spec_id)}[/bold] · iteration {st.iteration} · phase "
                   f"[bold]{st.phase.value}[/bold]"
                   + (f" · current agent {st.current_role.value}" if st.current_role else ""))
@@ -86,6 +87,9 @@ def print_status(console: Console, st: Status) -> None:
             console.print(Text(f"{label}: " + "; ".join(items)), soft_wrap=True)
     if st.error:
         console.print(Text(f"error: {st.error}", style="red"), soft_wrap=True)
+    if registry_problem:  # one line: the sessions above are Temporal's; history needs the registry
+        console.print(Text(f"registry unreachable: {' '.join(registry_problem.split())}",
+                           style="yellow"), soft_wrap=True)
 
 
 def print_result(console: Console, res: PipelineResult) -> None:

@@ -543,3 +543,118 @@ async def test_an_unreachable_registry_is_one_clear_line(settings, url, expected
         text = err.decode()
         assert proc.returncode == 1 and "Traceback" not in text, text
         assert re.search(expected, text) and "s3cret" not in text, text
+
+
+# --- one-line errors, settings, payload size, registry outage (hardening) -----------------------
+
+
+def test_one_line_drops_transport_debug_and_help_links():
+    """Rust Debug output and library help links go; the cause stays."""
+    from relay import one_line
+
+    rust = ('Failed client connect: Server connection error: tonic::transport::Error(Transport, '
+            'ConnectError(ConnectError("tcp connect error", 127.0.0.1:1, Os { code: 111, kind: '
+            'ConnectionRefused, message: "Connection refused" })))')
+    assert one_line(rust) == ("Failed client connect: Server connection error: tcp connect error: "
+                              "Connection refused")
+    status = ('poll: Status { code: Unavailable, message: "tcp connect error", details: [], '
+              'metadata: MetadataMap { headers: {"content-type": "application/grpc"} } }')
+    assert one_line(status) == "poll: tcp connect error"
+    sql = ("(sqlite3.OperationalError) no such table: x\n[SQL: SELECT 1]\n"
+           "(Background on this error at: https://sqlalche.me/e/20/e3q8)")
+    assert one_line(sql) == "(sqlite3.OperationalError) no such table: x"
+    assert one_line("a\udcffb") == "a\\udcffb"
+
+
+@pytest.mark.parametrize("name, value, expected", [
+    ("RELAY_CHECK_TIMEOUT_S", "nan", "Input should be a finite number"),
+    ("RELAY_MAX_FIX_ROUNDS", "0", "greater than or equal to 1"),
+    ("RELAY_TURN_TIMEOUT_S", "2592001", "less than or equal to 2592000"),
+    ("RELAY_MODEL_MAX_ATTEMPTS", "1001", "less than or equal to 1000"),
+])
+async def test_invalid_settings_are_one_line(settings, monkeypatch, name, value, expected):
+    """An out-of-bounds RELAY_* value: InvalidSettings from the SDK, `error: invalid setting` from
+    the CLI, with the same bounds as a run's Limits."""
+    from relay.client import InvalidSettings
+
+    monkeypatch.setenv(name, value)
+    with pytest.raises(InvalidSettings, match=f"^invalid setting {name}: .*{expected}"):
+        await RelayClient.connect()
+    message = cli_error(await cli(settings, "status", "x", env={name: value}))
+    assert message.startswith(f"error: invalid setting {name}: ") and expected in message
+
+
+def test_settings_bounds_are_the_limits_bounds():
+    """Every limit setting accepts exactly what Limits accepts."""
+    from relay.models import Limits
+    from relay.settings import RelaySettings
+
+    for name, field in Limits.model_fields.items():
+        assert RelaySettings.model_fields[name].metadata == field.metadata, name
+
+
+async def test_cli_input_that_cannot_be_decoded_or_used(relay, settings, tmp_path):
+    """Undecodable bytes, empty ids and targets, over-long paths: one line each."""
+    bad = tmp_path / "latin1.md"
+    bad.write_bytes(b"caf\xe9 request")
+    cases = {
+        ("status", ""): "error: the spec id is empty",
+        ("status", "a\udcffb"): "error: the spec id is not valid UTF-8 text",
+        ("run", "Write a module", "--target", ""): "error: invalid workspace: target:",
+        ("run", str(bad)): f"error: {bad} is not UTF-8 text (byte 0xe9 at offset 3)",
+        ("run", "Write a module", "-w", "/" + "x" * 5000): "error: workspace /xxx",
+    }
+    results = await asyncio.gather(*(cli(settings, *args) for args in cases))
+    for (args, expected), result in zip(cases.items(), results):
+        assert cli_error(result).startswith(expected), args
+    code, _, err = await cli(settings, "status", "--bogus")
+    assert code == 2 and err.strip().startswith("error: No such option: --bogus")
+
+
+async def test_oversized_payloads_are_refused_with_the_reason(relay, settings, client, tmp_path):
+    """A payload over Temporal's blob limit is refused by the SDK before sending, and the
+    server's own refusal maps to the same error."""
+    from relay.client import TEMPORAL_PAYLOAD_LIMIT, PayloadTooLarge, _rpc_error
+    from relay.models import Limits
+    from temporalio.service import RPCError
+
+    sid = await relay.run("Write a greeting module", spec_id=spec_id())
+    await wait_for_questions(relay, sid)
+    huge = "x" * (TEMPORAL_PAYLOAD_LIMIT + 1)
+    reason = r"bytes once encoded; Temporal refuses payloads over 2,097,152 bytes"
+    with pytest.raises(PayloadTooLarge, match=f"^the answers is .*{reason}"):
+        await relay.answer(sid, {"q1": huge, "q2": "x"})
+    with pytest.raises(PayloadTooLarge, match=reason):
+        await relay.reject(sid, huge)
+    escaped = "\x01" * 400_000  # 400 KB of text, 2.4 MB of JSON
+    with pytest.raises(PayloadTooLarge, match=f"^the request is .*{reason}"):
+        await relay.run(escaped, spec_id=spec_id(), limits=Limits(max_request_bytes=2_000_000))
+    path = tmp_path / "big.md"
+    path.write_text(escaped)
+    message = cli_error(await cli(settings, "run", str(path),
+                                  env={"RELAY_MAX_REQUEST_BYTES": "2000000"}))
+    assert message.startswith("error: the request is ") and "Temporal refuses payloads" in message
+    assert (await relay.status(sid)).phase == Phase.waiting_for_answers
+
+    with pytest.raises(RPCError) as info:  # the server's refusal, sent past the client's check
+        await client.start_workflow("SpecPipeline", {"request": huge}, id=spec_id("big"),
+                                    task_queue=settings.task_queue)
+    mapped = _rpc_error(info.value, "big")
+    assert isinstance(mapped, PayloadTooLarge) and "payload is too large" in str(mapped)
+    await cancel_and_wait(relay, sid)
+
+
+async def test_status_says_when_the_registry_is_unreachable(relay, settings):
+    """`relay status` still shows Temporal's view while the registry is down, and says so."""
+    sid = await relay.run("Write a greeting module", spec_id=spec_id())
+    await wait_for_questions(relay, sid)
+    down = {"RELAY_DATABASE_URL": "postgresql+psycopg://relay:s3cret@127.0.0.1:1/relay"}
+    code, out, err = await cli(settings, "status", sid, env=down)
+    assert code == 0 and "Traceback" not in err, err
+    assert "waiting_for_answers" in out and "s3cret" not in out
+    assert [line for line in out.splitlines() if line.startswith("registry unreachable: ")]
+    code, out, err = await cli(settings, "status", sid, "--json", env=down)
+    assert code == 0 and json.loads(out)["spec_id"] == sid
+    assert err.strip().startswith("warning: registry unreachable: ")
+    assert await relay.registry_problem(sid) is None  # the session's registry is up
+    await cancel_and_wait(relay, sid)
