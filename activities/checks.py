@@ -1,5 +1,10 @@
-"""Running a workspace's check command: in a subprocess, bounded in time and output, without
-the worker's secrets (the command runs code the model wrote).
+"""Running a workspace's check command: in the sandbox, bounded in time and output.
+
+The command runs code the model wrote, so it runs in `activities.sandbox` (bubblewrap): no
+network, no view of relay's data, other worktrees, HOME or the worker's environment, only its
+worktree writable. Without a working sandbox the check is refused (a CheckRun that says why,
+never an exception) unless the operator opted out with RELAY_UNSANDBOXED_CHECKS=1; such a run
+is marked `sandboxed=False`.
 
 The validator's `run_checks` tool and delivery's re-check of a merge both run checks here.
 """
@@ -7,15 +12,14 @@ The validator's `run_checks` tool and delivery's re-check of a merge both run ch
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
-import sys
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-MAX_CHECK_OUTPUT = 12_000
+from activities import sandbox
 
-_SECRET_NAMES = ("KEY", "TOKEN", "SECRET", "PASSWORD", "CREDENTIAL")
+MAX_CHECK_OUTPUT = 12_000
+REFUSED_EXIT = 126  # the shell's "cannot execute": the command never ran
 
 
 @dataclass(frozen=True)
@@ -24,43 +28,63 @@ class CheckRun:
     exit_code: int | None  # None: killed at its timeout
     output: str  # the tail, capped
     timeout_s: float
+    sandboxed: bool = True  # False: ran unsandboxed (the operator's opt-out) or refused
+    refused: str | None = None  # why it did not run at all (no sandbox and no opt-out)
+
+    @property
+    def unsandboxed(self) -> bool:
+        """It ran, outside the sandbox: what a spec's status must show."""
+        return not self.sandboxed and self.refused is None
 
     @property
     def passed(self) -> bool:
-        return self.exit_code == 0
+        return self.exit_code == 0 and self.refused is None
 
     def report(self) -> str:
+        if self.refused:
+            return f"$ {self.command}\nnot run: {self.refused}"
         status = (f"timed out after {self.timeout_s:g}s" if self.exit_code is None
                   else f"exit code: {self.exit_code}")
-        return f"$ {self.command}\n{status}\n{self.output}"
+        note = "" if self.sandboxed else " (unsandboxed)"
+        return f"$ {self.command}\n{status}{note}\n{self.output}"
 
 
-def run_check(command: str, cwd: str | Path, timeout_s: float) -> CheckRun:
-    env = {**check_environment(),
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-           "PYTHONDONTWRITEBYTECODE": "1"}
-    # Its own process group, so a timeout kills whatever the command started as well.
-    proc = subprocess.Popen(command, shell=True, cwd=cwd, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                            start_new_session=True)
-    try:
-        out, _ = proc.communicate(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        return CheckRun(command, None, _tail(out), timeout_s)
-    return CheckRun(command, proc.returncode, _tail(out), timeout_s)
+def run_check(command: str, cwd: str | Path, timeout_s: float, *,
+              data_dir: str | Path | None = None, writable: Sequence[str | Path] = (),
+              pass_env: Iterable[str] = ()) -> CheckRun:
+    """Run `command` in the worktree `cwd`. `data_dir` is relay's data dir (hidden from the
+    command; derived from `cwd` when it is a relay worktree), `writable` are further dirs the
+    command may write, `pass_env` names of the worker's environment variables it may see."""
+    if sandbox.sandbox_problem() is None:
+        done = sandbox.run_sandboxed(command, cwd, timeout_s, hidden=hidden_dirs(cwd, data_dir),
+                                     writable=[Path(w) for w in writable], pass_env=pass_env)
+    elif sandbox.unsandboxed_allowed():
+        done = sandbox.run_unsandboxed(command, cwd, timeout_s, pass_env=pass_env)
+    else:
+        return CheckRun(command, REFUSED_EXIT, "", timeout_s, sandboxed=False,
+                        refused=f"{sandbox.NO_SANDBOX} ({sandbox.sandbox_problem()})")
+    return CheckRun(command, done.exit_code, _tail(done.output, done.cut), timeout_s,
+                    sandboxed=done.sandboxed)
 
 
-def check_environment() -> dict[str, str]:
-    """The worker's environment minus its secrets."""
-    return {name: value for name, value in os.environ.items()
-            if not name.startswith(("ANTHROPIC_", "RELAY_"))
-            and not any(word in name.upper() for word in _SECRET_NAMES)}
+def hidden_dirs(cwd: str | Path, data_dir: str | Path | None) -> list[Path]:
+    """relay's data dirs, wherever they may be: the given one, the one a relay worktree or a
+    delivery scratch dir lives in (<data dir>/worktrees/<spec>, <data dir>/deliver/<key>), the
+    configured one and the default `.relay` of the worker's cwd."""
+    found = [Path(data_dir)] if data_dir else []
+    parent = Path(cwd).resolve().parent
+    if parent.name in ("worktrees", "deliver"):
+        found.append(parent.parent)
+    if configured := os.environ.get("RELAY_DATA_DIR"):
+        found.append(Path(configured))
+    found.append(Path.cwd() / ".relay")
+    return found
 
 
-def _tail(raw: bytes) -> str:
+def _tail(raw: bytes, cut_bytes: int = 0) -> str:
     text = raw.decode("utf-8", errors="replace")
-    if len(text) > MAX_CHECK_OUTPUT:
-        return f"... ({len(text) - MAX_CHECK_OUTPUT} characters cut)\n" + text[-MAX_CHECK_OUTPUT:]
+    cut = len(text) - MAX_CHECK_OUTPUT if len(text) > MAX_CHECK_OUTPUT else 0
+    if cut or cut_bytes:
+        what = f"{cut} characters" + (f" and {cut_bytes} bytes" if cut_bytes else "")
+        return f"... ({what} cut)\n" + text[-MAX_CHECK_OUTPUT:]
     return text

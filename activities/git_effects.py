@@ -9,16 +9,23 @@ from __future__ import annotations
 
 import base64
 import os
+import re
 import shutil
 import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+from activities import safe_fs
 from activities.checks import run_check
 from relay.effects import EffectContext, EffectFailed, EffectRegistry, Payload
 
 git_effects = EffectRegistry()
 
 IDENTITY = ["-c", "user.name=relay", "-c", "user.email=relay@localhost", "-c", "commit.gpgsign=false"]
+# No hook and no fsmonitor ever runs: a workspace (or the user's checkout) may carry one that
+# model-written code planted, and relay's git runs with relay's rights.
+NO_HOOKS = ["-c", "core.hooksPath=/dev/null", "-c", "core.fsmonitor=false"]
 
 
 class GitError(EffectFailed):
@@ -27,18 +34,17 @@ class GitError(EffectFailed):
     retryable = False
 
 
-def inside(worktree: str, relative: str, *, follow: bool = True) -> Path:
-    """The file `relative` of the worktree, refusing anything that resolves outside it (the
-    checks run model-written code, which may have planted a symlink since the tool checked).
-    With follow=False a symlink itself is the file (to delete the link, not its target)."""
-    root = Path(worktree).resolve()
-    target = root / relative
-    resolved = target.parent.resolve() / target.name
-    if follow and resolved.is_symlink():
-        resolved = resolved.resolve()
-    if root != resolved.parent and root not in resolved.parent.parents:
-        raise GitError(f"{relative} leads outside the worktree {worktree}; not touching it")
-    return resolved
+@contextmanager
+def inside(worktree: str, relative: str) -> Iterator[None]:
+    """Touching the worktree's file `relative`, which goes through safe_fs: one component at a
+    time, never following a symlink, refusing hard links and names git rejects (the checks run
+    model-written code, which may have planted any of those since the tool checked). A refusal
+    is a GitError: retrying does not make the path safe."""
+    try:
+        yield
+    except safe_fs.UnsafePath as exc:
+        raise GitError(f"{relative}: {exc}; it leads outside the worktree {worktree} or may, "
+                       "so relay is not touching it") from None
 
 
 def owned_worktree(ctx: EffectContext, worktree: str) -> Path:
@@ -49,10 +55,22 @@ def owned_worktree(ctx: EffectContext, worktree: str) -> Path:
     return path
 
 
+def git_environment() -> dict[str, str]:
+    """All a git call of relay's gets: no secret of the worker's, no user or system config
+    (which could name a credential helper, a pager, an editor or hooks), no GIT_DIR leaking in."""
+    return {"PATH": os.environ.get("PATH") or os.defpath, "HOME": "/nonexistent", "LC_ALL": "C",
+            "GIT_TERMINAL_PROMPT": "0", "GIT_OPTIONAL_LOCKS": "0", "GIT_CONFIG_NOSYSTEM": "1",
+            "GIT_CONFIG_GLOBAL": "/dev/null"}
+
+
+def run_git(*args: str, cwd: str | Path) -> subprocess.CompletedProcess[str]:
+    """The one way relay runs git: minimal environment, hooks off, relay's identity."""
+    return subprocess.run(["git", *NO_HOOKS, *IDENTITY, *args], cwd=cwd, capture_output=True,
+                          text=True, env=git_environment(), stdin=subprocess.DEVNULL, timeout=120)
+
+
 def git(*args: str, cwd: str | Path, check: bool = True) -> str:
-    env = {**os.environ, "GIT_TERMINAL_PROMPT": "0", "GIT_OPTIONAL_LOCKS": "0", "LC_ALL": "C"}
-    proc = subprocess.run(["git", *IDENTITY, *args], cwd=cwd, capture_output=True, text=True,
-                          env=env, timeout=120)
+    proc = run_git(*args, cwd=cwd)
     if check and proc.returncode != 0:
         detail = " ".join((proc.stderr or proc.stdout).split())[:400]
         raise GitError(f"git {' '.join(args[:3])} failed in {cwd}: {detail}")
@@ -60,8 +78,7 @@ def git(*args: str, cwd: str | Path, check: bool = True) -> str:
 
 
 def ref_exists(repo: str, ref: str) -> bool:
-    return subprocess.run(["git", "rev-parse", "--verify", "--quiet", ref], cwd=repo,
-                          capture_output=True).returncode == 0
+    return run_git("rev-parse", "--verify", "--quiet", ref, cwd=repo).returncode == 0
 
 
 def is_worktree(repo: str, path: str) -> bool:
@@ -73,7 +90,7 @@ def is_worktree(repo: str, path: str) -> bool:
 def check_repository(repo: str, target: str) -> None:
     if not Path(repo).is_dir():
         raise GitError(f"workspace {repo} does not exist")
-    if subprocess.run(["git", "rev-parse", "--git-dir"], cwd=repo, capture_output=True).returncode:
+    if run_git("rev-parse", "--git-dir", cwd=repo).returncode:
         raise GitError(f"workspace {repo} is not a git repository")
     if not ref_exists(repo, f"refs/heads/{target}"):
         raise GitError(f"workspace {repo} has no branch {target!r}")
@@ -128,71 +145,74 @@ def remove_workspace(ctx: EffectContext, p: Payload, undo: Payload | None, resul
 # --- files in the worktree ----------------------------------------------------------
 
 
-def _read(path: Path) -> Payload:
-    if path.is_file():
-        return {"existed": True, "content_b64": base64.b64encode(path.read_bytes()).decode()}
-    return {"existed": False}
+def _read(worktree: str, relative: str) -> Payload:
+    """What a compensation needs to put the file back: its bytes, or that it was not there."""
+    if safe_fs.kind(worktree, relative) is None:
+        return {"existed": False}
+    data = safe_fs.read_bytes(worktree, relative)  # refuses a symlink, a hard link, a directory
+    return {"existed": True, "content_b64": base64.b64encode(data).decode()}
 
 
-def _restore(path: Path, undo: Payload | None) -> None:
+def _restore(worktree: str, relative: str, undo: Payload | None) -> None:
     if undo is None:
         return
     if undo.get("existed"):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(base64.b64decode(undo["content_b64"]))
-    elif path.is_file():
-        path.unlink()
+        # a hard link planted since is replaced, never written through (its other name keeps
+        # its own content)
+        safe_fs.replace_bytes(worktree, relative, base64.b64decode(undo["content_b64"]))
+    elif safe_fs.kind(worktree, relative) == "file":
+        safe_fs.unlink(worktree, relative, hard_links=True)
 
 
 @git_effects.effect("git.write_file", reversible=True)
 def write_file(ctx: EffectContext, p: Payload) -> Payload:
     if not Path(p["worktree"]).is_dir():
         raise GitError(f"the worktree {p['worktree']} is gone")
-    path = inside(p["worktree"], p["path"])
-    path.parent.mkdir(parents=True, exist_ok=True)
     data = p["content"].encode("utf-8")
-    path.write_bytes(data)
+    with inside(p["worktree"], p["path"]):
+        safe_fs.write_bytes(p["worktree"], p["path"], data)
     return {"bytes": len(data)}
 
 
 @write_file.snapshot
 def _before_write(ctx: EffectContext, p: Payload) -> Payload:
-    return _read(inside(p["worktree"], p["path"]))
+    with inside(p["worktree"], p["path"]):
+        return _read(p["worktree"], p["path"])
 
 
 @write_file.compensation
 def _undo_write(ctx: EffectContext, p: Payload, undo: Payload | None, result: Payload | None) -> None:
     if Path(p["worktree"]).is_dir():
-        _restore(inside(p["worktree"], p["path"]), undo)
+        with inside(p["worktree"], p["path"]):
+            _restore(p["worktree"], p["path"], undo)
 
 
 @git_effects.effect("git.delete_file", reversible=True)
 def delete_file(ctx: EffectContext, p: Payload) -> Payload:
-    path = inside(p["worktree"], p["path"], follow=False)
-    existed = path.is_file() or path.is_symlink()
-    if existed:
-        path.unlink()
-    return {"deleted": existed}
+    with inside(p["worktree"], p["path"]):  # a symlink is removed itself, never its target
+        return {"deleted": safe_fs.unlink(p["worktree"], p["path"])}
 
 
 @delete_file.snapshot
 def _before_delete(ctx: EffectContext, p: Payload) -> Payload:
-    path = inside(p["worktree"], p["path"], follow=False)
-    if path.is_symlink():
-        return {"existed": True, "symlink": os.readlink(path)}
-    return _read(path)
+    worktree, relative = p["worktree"], p["path"]
+    with inside(worktree, relative):
+        if safe_fs.kind(worktree, relative) == "symlink":
+            return {"existed": True, "symlink": safe_fs.readlink(worktree, relative)}
+        return _read(worktree, relative)
 
 
 @delete_file.compensation
 def _undo_delete(ctx: EffectContext, p: Payload, undo: Payload | None, result: Payload | None) -> None:
-    if not Path(p["worktree"]).is_dir():
+    worktree, relative = p["worktree"], p["path"]
+    if not Path(worktree).is_dir():
         return
-    path = inside(p["worktree"], p["path"], follow=False)
-    if undo and "symlink" in undo:
-        if not path.is_symlink():
-            path.symlink_to(undo["symlink"])
-        return
-    _restore(path, undo)
+    with inside(worktree, relative):
+        if undo and "symlink" in undo:
+            if safe_fs.kind(worktree, relative) != "symlink":
+                safe_fs.symlink(worktree, relative, undo["symlink"])
+            return
+        _restore(worktree, relative, undo)
 
 
 # --- commits ----------------------------------------------------------------------------
@@ -214,7 +234,7 @@ def commit(ctx: EffectContext, p: Payload) -> Payload:
     paths = [path for path in p["paths"] if _stageable(worktree, path)]
     if paths:  # literal: a file named ':(exclude)x' is a file, not a pathspec
         git("--literal-pathspecs", "add", "-A", "-f", "--", *paths, cwd=worktree)
-    if subprocess.run(["git", "diff", "--cached", "--quiet"], cwd=worktree).returncode == 0:
+    if run_git("diff", "--cached", "--quiet", cwd=worktree).returncode == 0:
         return {"commit": None, "parent": parent}
     git("commit", "-q", "--no-verify", "-m", f"{p['message']}\n\nRelay-Effect: {ctx.key}",
         cwd=worktree)
@@ -226,8 +246,8 @@ def _stageable(worktree: str, path: str) -> bool:
     full = Path(worktree) / path
     if full.exists() or full.is_symlink():
         return True
-    return subprocess.run(["git", "--literal-pathspecs", "ls-files", "--error-unmatch", "--", path],
-                          cwd=worktree, capture_output=True).returncode == 0
+    return run_git("--literal-pathspecs", "ls-files", "--error-unmatch", "--", path,
+                   cwd=worktree).returncode == 0
 
 
 @commit.compensation
@@ -240,8 +260,7 @@ def _undo_commit(ctx: EffectContext, p: Payload, undo: Payload | None, result: P
     if not sha or not ref_exists(where, f"refs/heads/{branch}"):
         return
     head = git("rev-parse", f"refs/heads/{branch}", cwd=where)
-    is_ancestor = subprocess.run(["git", "merge-base", "--is-ancestor", sha, head],
-                                 cwd=where).returncode == 0
+    is_ancestor = run_git("merge-base", "--is-ancestor", sha, head, cwd=where).returncode == 0
     if not is_ancestor:
         return
     parent = git("rev-parse", f"{sha}^", cwd=where)
@@ -258,9 +277,24 @@ def _undo_commit(ctx: EffectContext, p: Payload, undo: Payload | None, result: P
 def deliver(ctx: EffectContext, p: Payload) -> Payload:
     """Merge the branch into the target. If the target moved since the branch was cut from
     `base`, what the validator checked is not what would land: the merge is built aside and
-    the check command re-run on it first, and a failing merge is not delivered."""
+    the check command re-run on it first, and a failing merge is not delivered.
+
+    With `commit` (the commit the validator checked), exactly that commit is merged, and a
+    branch that moved since (another process committed to it) is refused: what lands is
+    always what was validated. Without it (runs started before it existed), the branch head."""
     repo, branch, target = p["repo"], p["branch"], p["target"]
     head = git("rev-parse", f"refs/heads/{branch}", cwd=repo)
+    if validated := p.get("commit"):
+        validated = git("rev-parse", "--verify", "--quiet", f"{validated}^{{commit}}", cwd=repo,
+                        check=False) if re.fullmatch(r"[0-9a-f]{7,64}", str(validated)) else ""
+        if validated and _delivered(repo, validated, target):  # a retry after it landed
+            return {"target": target, "commit": git("rev-parse", target, cwd=repo),
+                    "merged": validated}
+        if head != validated:
+            raise DeliveryRefused(
+                f"{branch} moved since validation ({str(p['commit'])[:10]} was validated, the "
+                f"branch is at {head[:10]}; another process committed to it); nothing was "
+                f"merged; run 'relay iterate {ctx.spec_id}' to validate it again")
     if _delivered(repo, head, target):
         return {"target": target, "commit": git("rev-parse", target, cwd=repo), "merged": head}
     message = f"relay: deliver {ctx.spec_id}"
@@ -279,13 +313,13 @@ def deliver(ctx: EffectContext, p: Payload) -> Payload:
         result["target_moved"] = True
     if checked_out == target and not moved:  # what was validated lands as it is
         try:
-            git("merge", "--no-ff", "--no-verify", "-q", "-m", message, branch, cwd=repo)
+            git("merge", "--no-ff", "--no-verify", "-q", "-m", message, head, cwd=repo)
         except GitError:
             git("merge", "--abort", cwd=repo, check=False)  # ours: none was in progress before
             raise
         return {**result, "commit": git("rev-parse", target, cwd=repo)}
 
-    merged, recheck = _merge_aside(ctx, p, old, moved, message)
+    merged, recheck = _merge_aside(ctx, p, head, old, moved, message)
     if recheck is not None:
         result["recheck"] = recheck
     try:  # move the target only if nobody moved it meanwhile
@@ -305,15 +339,15 @@ def deliver(ctx: EffectContext, p: Payload) -> Payload:
 
 
 def _delivered(repo: str, head: str, target: str) -> bool:
-    return subprocess.run(["git", "merge-base", "--is-ancestor", head, target],
-                          cwd=repo).returncode == 0
+    return run_git("merge-base", "--is-ancestor", head, target, cwd=repo).returncode == 0
 
 
-def _merge_aside(ctx: EffectContext, p: Payload, old: str, moved: bool,
+def _merge_aside(ctx: EffectContext, p: Payload, head: str, old: str, moved: bool,
                  message: str) -> tuple[str, Payload | None]:
-    """The merge of the branch into `old`, made in a scratch worktree (re-checked there if
-    the target moved); returns its commit and the re-check's record."""
-    repo, branch, target = p["repo"], p["branch"], p["target"]
+    """The merge of `head` (the branch's validated commit) into `old`, made in a scratch
+    worktree (re-checked there, in the sandbox, if the target moved); returns its commit and
+    the re-check's record."""
+    repo, target = p["repo"], p["target"]
     scratch = str(ctx.data_dir / "deliver" / ctx.key)
     if is_worktree(repo, scratch):
         git("worktree", "remove", "--force", scratch, cwd=repo)
@@ -323,7 +357,7 @@ def _merge_aside(ctx: EffectContext, p: Payload, old: str, moved: bool,
     git("worktree", "add", "-q", "--detach", scratch, old, cwd=repo)
     try:
         try:
-            git("merge", "--no-ff", "--no-verify", "-q", "-m", message, branch, cwd=scratch)
+            git("merge", "--no-ff", "--no-verify", "-q", "-m", message, head, cwd=scratch)
         except GitError as err:
             if not moved:
                 raise
@@ -332,16 +366,22 @@ def _merge_aside(ctx: EffectContext, p: Payload, old: str, moved: bool,
                            "on the new target") from None
         if not (moved and p.get("check")):
             return git("rev-parse", "HEAD", cwd=scratch), None
-        run = run_check(p["check"], scratch, float(p.get("check_timeout_s") or 300))
+        run = run_check(p["check"], scratch, float(p.get("check_timeout_s") or 300),
+                        data_dir=ctx.data_dir)
+        if run.refused:  # no sandbox here: nothing ran, nothing was merged
+            raise DeliveryRefused(f"{target} moved since validation and the merged result must "
+                                  f"be checked again, but {run.refused}; nothing was merged")
         if not run.passed:
             raise DeliveryRefused(
                 f"{target} moved since validation ({p['base'][:10]} -> {old[:10]}) and the "
                 f"merged result fails its check: {run.report().splitlines()[1]}; "
                 f"{_last_line(run.output)}; nothing was merged; run 'relay iterate "
                 f"{ctx.spec_id}' to rebuild it on the new target")
-        return git("rev-parse", "HEAD", cwd=scratch), {
-            "base": p["base"], "target_was": old, "command": run.command,
-            "exit_code": run.exit_code}
+        record: Payload = {"base": p["base"], "target_was": old, "command": run.command,
+                           "exit_code": run.exit_code}
+        if run.unsandboxed:
+            record["unsandboxed"] = True
+        return git("rev-parse", "HEAD", cwd=scratch), record
     finally:
         git("worktree", "remove", "--force", scratch, cwd=repo, check=False)
 

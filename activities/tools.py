@@ -28,6 +28,7 @@ from activities import safe_fs
 from activities.checks import run_check
 from activities.effects import EffectExecutor
 from relay import registry as _registry
+from relay import one_line
 from relay.models import Role, WorkspaceRef
 
 MAX_READ_BYTES = 64_000
@@ -289,7 +290,7 @@ class ToolBox:
 
 def _line(exc: BaseException) -> str:
     """An error on one line, as the model sees it."""
-    return " ".join(str(exc).split())[:500] or type(exc).__name__
+    return one_line(exc) or type(exc).__name__
 
 
 def _enter(directory: str) -> bool:

@@ -15,6 +15,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 WORKFLOW_TYPE = "SpecPipeline"
 PHASE_SEARCH_ATTRIBUTE = "RelayPhase"
+# How a run ended (delivered, rejected, plan_rejected, change_rejected, failed, cancelled):
+# the Web UI's workflow list shows it, where every finished spec is a green COMPLETED.
+OUTCOME_SEARCH_ATTRIBUTE = "RelayOutcome"
 SCRIPTED_MODEL_PREFIX = "relay-scripted"
 
 

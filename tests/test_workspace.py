@@ -158,26 +158,28 @@ class TestTargetMovedBeforeDelivery:
         assert not (user_repo / "greeting.py").exists()  # the user's checkout is untouched
 
     async def test_a_target_that_moves_again_during_the_recheck_is_merged_afresh(
-            self, relay, user_repo, tmp_path):
+            self, relay, user_repo, data_dir):
         """A colleague pushes while the merge is being re-checked: that merge is not forced in
         (nor the spec failed); delivery builds and checks the merge on the newest target."""
-        gate = tmp_path / "gate.py"
+        # the check runs sandboxed, seeing only its worktree and the repository's git dir (read
+        # only): the gate and its hold file live in the git dir, it signals in its worktree
+        git_dir = user_repo / ".git"
+        hold, gate = git_dir / "test-hold", git_dir / "test-gate.py"
         gate.write_text(
-            "import pathlib, time\n"
-            f"hold, entered = pathlib.Path({str(tmp_path / 'hold')!r}), "
-            f"pathlib.Path({str(tmp_path / 'entered')!r})\n"
-            "if hold.exists():\n    entered.touch()\n"
+            "import pathlib, sys, time\n"
+            "hold = pathlib.Path(sys.argv[1])\n"
+            "if hold.exists():\n    pathlib.Path('entered').touch()\n"
             "    while hold.exists():\n        time.sleep(0.02)\n")
-        check = f"{CHECK} && python {gate}"
+        check = f"{CHECK} && python {gate} {hold}"
         sid = await start(relay, "Write a greeting module", user_repo, check=check)
         await waiting_for_approval(relay, sid)
-        (tmp_path / "hold").touch()
+        hold.touch()
         commit_on(user_repo, {"NOTES.md": "one\n"}, "first push")
 
         await relay.approve(sid)
-        await until(lambda: (tmp_path / "entered").exists(), timeout=60)
+        await until(lambda: any(data_dir.glob("deliver/*/entered")), timeout=60)
         second = commit_on(user_repo, {"MORE.md": "two\n"}, "second push")
-        (tmp_path / "hold").unlink()
+        hold.unlink()
 
         result = await relay.result(sid)
         assert result.outcome == "delivered"

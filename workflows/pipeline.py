@@ -24,7 +24,8 @@ with workflow.unsafe.imports_passed_through():
     from pydantic import ValidationError
 
     from relay.models import (
-        PHASE_SEARCH_ATTRIBUTE, ROLES, WORKFLOW_TYPE, AgentTurnInput, AgentTurnResult, AnswerAck,
+        OUTCOME_SEARCH_ATTRIBUTE, PHASE_SEARCH_ATTRIBUTE, ROLES, WORKFLOW_TYPE,
+        AgentTurnInput, AgentTurnResult, AnswerAck,
         AnswerInput, ApprovalInput, Audit, Change, Clarification, Decision,
         EffectInput, EffectRef, EffectResult, OpenSpecInput, OpenSpecResult,
         PendingQuestions, Phase, PipelineResult, Plan, PrepareWorkspaceInput,
@@ -34,15 +35,18 @@ with workflow.unsafe.imports_passed_through():
     from relay.converter import Undecodable
     from workflows import render, saga
     from workflows.saga import BOOKKEEPING
-    from workflows.saga import one_line as _one_line
+    from relay import one_line as _one_line
     from workflows.saga import reason as _reason
 
 log = structlog.get_logger("relay.workflow")
 PHASE = SearchAttributeKey.for_keyword(PHASE_SEARCH_ATTRIBUTE)
+OUTCOME = SearchAttributeKey.for_keyword(OUTCOME_SEARCH_ATTRIBUTE)
 
 
 # Runs started before workspaces existed replay without these steps.
 WORKSPACE_PATCH = "relay-workspace-1"
+# Runs that ended before the RelayOutcome search attribute existed replay without its upsert.
+OUTCOME_PATCH = "relay-outcome-1"
 
 
 class SpecFailed(Exception):
@@ -171,6 +175,9 @@ class SpecPipeline:
 
     async def _close(self, phase: Phase, *, session_state: str, spec_status: str) -> None:
         self._set_phase(phase, None)
+        if workflow.patched(OUTCOME_PATCH):
+            # the Web UI shows every finished spec as COMPLETED; this column tells them apart
+            workflow.upsert_search_attributes([OUTCOME.value_set(self._status.outcome or phase.value)])
         if not self._opened:
             return
         failed = {s.role for s in self._status.sessions if s.state == "failed"}
@@ -413,6 +420,8 @@ class SpecPipeline:
             delivered = await merge
             self._flag("cancel_arrived_during_delivery")
         self._status.delivery = delivered.result
+        if (delivered.result.get("recheck") or {}).get("unsandboxed"):
+            self._flag("checks_ran_unsandboxed")
         # After the merge the run is final: what follows can fail without undoing it.
         after = [("cleanup", "git.cleanup", {"repo": ws.repo, "branch": ws.branch,
                                              "worktree": ws.worktree})]
@@ -495,13 +504,16 @@ class SpecPipeline:
         await workflow.execute_activity(
             "set_session_states",
             SessionStateInput(spec_id=self._status.spec_id, state="waiting", roles=[Role.clarifier]),
-            summary="clarifier waits for answers", **BOOKKEEPING)
+            # the timeline is the Web UI's default tab: say what is awaited and where to look
+            summary=f"clarifier waits for answers: {render.question_ids(questions)} "
+                    "(questions and JSON under User Metadata)", **BOOKKEEPING)
         timeout = self._limits.answer_timeout_s
         try:
             await workflow.wait_condition(
                 lambda: self._answers is not None,
                 timeout=timedelta(seconds=timeout) if timeout else None,
-                timeout_summary="answer deadline")
+                timeout_summary=f"waiting for answers: {render.question_ids(questions)} "
+                                "(answer deadline)")
             answers = self._answers
         except asyncio.TimeoutError:
             answers = None

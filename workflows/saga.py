@@ -16,6 +16,7 @@ from temporalio.workflow import ActivityCancellationType
 from temporalio.exceptions import ActivityError
 
 with workflow.unsafe.imports_passed_through():
+    from relay import one_line
     from relay.models import (
         CompensateInput, EffectRef, Limits, NeedsHumanInput, PendingCompensationsInput,
     )
@@ -59,7 +60,3 @@ def reason(err: ActivityError) -> str:
     if retry_state is not None and retry_state.name == "MAXIMUM_ATTEMPTS_REACHED":
         message += " (gave up after the last retry)"
     return one_line(message)
-
-
-def one_line(text: str) -> str:
-    return " ".join(text.split())[:500]
