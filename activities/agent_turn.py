@@ -7,11 +7,23 @@ model again. Two attempts alive at once (a retry while a timed-out attempt
 still works) never both pay: the turn is leased to one of them. An output
 that fails validation gets one repair exchange in the same session, with the
 validation error shown to the model.
+
+A paid answer is never thrown away by a registry outage: recording it is
+retried patiently while the attempt heartbeats, and the answer rides in the
+heartbeat details meanwhile, so if this attempt gives up or dies, the next one
+(on any worker) records that answer instead of asking the model again.
+
+An answer cut at max_tokens gets the repair exchange too, told why (and none of
+its tool calls run: their input may be cut as well); a refusal ends the turn,
+named as one: insisting on the same conversation would only pay for it again.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
+import json
+from dataclasses import asdict, dataclass
 from functools import lru_cache
 from typing import Any
 
@@ -22,8 +34,8 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from activities.effects import EffectExecutor
-from activities.heartbeat import finish_first, with_heartbeat
-from activities.model_errors import to_temporal_error
+from activities.heartbeat import carried_over, carry, finish_first, patiently, with_heartbeat
+from activities.model_errors import bad_response, registry_error, to_temporal_error
 from activities.tools import ToolBox, ToolRefused, tool_definitions
 from activities.turn_lease import TurnLease
 from relay import prompts
@@ -51,6 +63,52 @@ class Exchange(BaseModel):
     error: str | None = None
     source: str = "primary"
     trust: str = "full"
+    cut: bool = False  # stopped at max_tokens: its tool calls may be cut too, none runs
+
+
+REFUSED = "the model refused"
+
+
+def _refusal(content: list[dict[str, Any]]) -> str:
+    said = " ".join(str(b.get("text", "")) for b in content if b.get("type") == "text")
+    said = " ".join(said.split())[:300]
+    return f"{REFUSED}: {said}" if said else f"{REFUSED} (stop_reason refusal, no reason given)"
+
+
+def _cut_at(max_tokens: int) -> str:
+    return (f"the answer was cut at max_tokens ({max_tokens} tokens) before it was complete; "
+            f"raise the setting RELAY_MAX_TOKENS if answers need more room")
+
+
+def _text_only(content: list[dict[str, Any]]) -> str:
+    said = " ".join(str(b.get("text", "")) for b in content if b.get("type") == "text")
+    said = " ".join(said.split())
+    return f" (it answered with text only: {said[:200]!r})" if said else ""
+
+
+@dataclass
+class _Pending:
+    """A paid answer not yet recorded, carried in the heartbeats (see heartbeat.carry)."""
+
+    session: str
+    turn: int
+    step: int
+    owner: str
+    exchange: dict[str, Any]
+    gave_up: bool = False  # its attempt ended: the lease it holds can be superseded
+
+    @classmethod
+    def from_details(cls, details: list[Any]) -> _Pending | None:
+        item = details[0] if details else None
+        if not isinstance(item, dict) or not isinstance(item.get("pending"), dict):
+            return None
+        try:
+            return cls(**item["pending"])
+        except TypeError:
+            return None
+
+    def details(self) -> dict[str, Any]:
+        return {"pending": asdict(self)}
 
 
 def _tool_results_for(last_assistant: SessionMessage | None) -> list[dict[str, Any]]:
@@ -78,7 +136,7 @@ def _classify(role: Role, content: list[dict[str, Any]],
     if call is None:
         if tools and any(b.get("type") == "tool_use" for b in content):
             return None, None
-        return None, f"the answer did not call {tool}"
+        return None, f"the answer did not call {tool}{_text_only(content)}"
     try:
         parsed = OUTPUT_MODELS[role].model_validate(call.get("input"))
     except ValidationError as exc:
@@ -123,6 +181,11 @@ def _with_cache_breakpoint(messages: list[dict[str, Any]]) -> list[dict[str, Any
     return [*messages[:-1], last]
 
 
+@dataclass
+class _TurnState:
+    unsandboxed_checks: bool = False  # a run_checks call of this turn ran outside the sandbox
+
+
 class AgentTurnActivities:
     def __init__(self, registry: Registry, model_client: anthropic.AsyncAnthropic, model: str,
                  max_tokens: int = 4096, executor: EffectExecutor | None = None) -> None:
@@ -141,6 +204,11 @@ class AgentTurnActivities:
         )
         try:
             return await with_heartbeat(self._turn(inp))
+        except Exception as exc:
+            if (outage := registry_error(exc)) is not None:
+                log.warning("agent_turn.registry_unavailable", error=outage.message)
+                raise outage from None
+            raise
         finally:
             structlog.contextvars.unbind_contextvars(
                 "spec_id", "workflow_id", "run_id", "role", "turn", "attempt", "session_id")
@@ -152,25 +220,35 @@ class AgentTurnActivities:
         except KeyError as exc:
             raise ApplicationError(str(exc), type="InvalidTurnInput", non_retryable=True) from None
         lease = TurnLease.for_this_attempt(self.registry)
+        pending = _Pending.from_details(carried_over())
+        if pending is not None and pending.turn == inp.turn:
+            carry(pending.details())  # still not recorded: keep it for the next attempt too
+            if pending.gave_up:
+                lease.supersede = pending.owner
+        else:
+            pending = None
         try:
-            session, created, history, lease.held = await asyncio.to_thread(
+            session, created, history, lease.held = await patiently(
                 self.registry.begin_turn, inp.spec_id, inp.role, inp.turn, lease.owner,
-                lease.ttl_s)
+                lease.ttl_s, lease.supersede, what="begin_turn")
             structlog.contextvars.bind_contextvars(session_id=session.id)
             if await lease.wait_for(session.id):
                 # the other attempt recorded some steps, or all of them, meanwhile
-                session, created, history, _ = await asyncio.to_thread(
+                session, created, history, _ = await patiently(
                     self.registry.begin_turn, inp.spec_id, inp.role, inp.turn, lease.owner,
-                    lease.ttl_s)
+                    lease.ttl_s, what="begin_turn")
             async with lease.renewed(session.id):
-                return await self._steps(inp, prompt, text, session, created, history, lease)
+                return await self._steps(inp, prompt, text, session, created, history, lease,
+                                         pending if pending and pending.session == session.id
+                                         else None)
         finally:
             await lease.end()
 
     async def _steps(self, inp: AgentTurnInput, prompt: prompts.RolePrompt, text: str,
                      session: AgentSession, created: bool, history: list[SessionMessage],
-                     lease: TurnLease) -> AgentTurnResult:
-        """The turn's tool loop: recorded exchanges are reused, new ones paid for and recorded."""
+                     lease: TurnLease, pending: _Pending | None) -> AgentTurnResult:
+        """The turn's tool loop: recorded exchanges are reused, new ones paid for and recorded
+        (or, paid for by an earlier attempt that could not record them, recorded now)."""
         before = [m for m in history if m.turn < inp.turn]
         recorded = {(m.step, m.role): m for m in history if m.turn == inp.turn}
         log.info("agent_turn.start", scenario="A" if created else "B", history=len(before))
@@ -184,26 +262,28 @@ class AgentTurnActivities:
         last_assistant = next((m for m in reversed(before) if m.role == "assistant"), None)
         user = [*_tool_results_for(last_assistant), {"type": "text", "text": text}]
         replayed, repaired, invalid_streak = True, False, 0
+        state = _TurnState()
         for step in range(inp.max_tool_steps):
             exchange = self._recorded(recorded, step, inp.role, toolbox is not None)
+            if exchange is not None and pending is not None and pending.step == step:
+                carry(None)  # the earlier attempt's answer is recorded after all
+                pending = None
             if exchange is None:
                 replayed = False
-                lease.check()
-                exchange = await self._call_model(prompt.system, inp.role, offered, conversation,
-                                                  user, forced=toolbox is None)
-                stored = await asyncio.to_thread(
-                    self.registry.append_exchange, session.id, turn=inp.turn, step=step,
-                    user_content=exchange.user, assistant_content=exchange.assistant,
-                    model=exchange.model, usage=exchange.usage, error=exchange.error,
-                    valid=True if exchange.output is not None else (
-                        False if exchange.error is not None else None),
-                    prompt_version=prompt.version, source=exchange.source, trust=exchange.trust,
-                    status="idle" if exchange.output is not None else None,
-                    release_lease=lease.owner if exchange.output is not None else None,
-                )
+                if pending is not None and pending.step == step:
+                    # paid for by an earlier attempt that could not record it: record, not re-ask
+                    exchange = Exchange.model_validate(pending.exchange)
+                    log.info("agent_turn.carried_answer_used", step=step,
+                             from_attempt=pending.owner)
+                    pending = None
+                else:
+                    lease.check()
+                    exchange = await self._call_model(prompt.system, inp.role, offered,
+                                                      conversation, user, forced=toolbox is None)
+                stored = await self._record(inp, prompt, session, step, exchange, lease)
                 lease.released = stored and exchange.output is not None
                 if not stored:  # a concurrent attempt recorded this exchange first: use theirs
-                    fresh = await asyncio.to_thread(self.registry.messages, session.id)
+                    fresh = await patiently(self.registry.messages, session.id, what="messages")
                     recorded = {(m.step, m.role): m for m in fresh if m.turn == inp.turn}
                     exchange = self._recorded(recorded, step, inp.role, toolbox is not None)
                     assert exchange is not None
@@ -216,7 +296,7 @@ class AgentTurnActivities:
             if exchange.output is not None:
                 for index, call in enumerate(calls):  # tools called beside the result still run
                     if call.get("name") != tool and toolbox is not None:
-                        await self._run_tool(toolbox, call, step, index)
+                        await self._run_tool(toolbox, call, step, index, state)
                 log.info("agent_turn.done", replayed=replayed, repaired=repaired, steps=step + 1,
                          input_tokens=usage.input_tokens, output_tokens=usage.output_tokens)
                 return AgentTurnResult(
@@ -227,33 +307,47 @@ class AgentTurnActivities:
                                    for b in m["content"]
                                    if b.get("type") == "tool_use" and b.get("name") != tool),
                     changed_paths=_changed_paths(conversation[turn_start:], toolbox),
+                    unsandboxed_checks=state.unsandboxed_checks,
                 )
+            if exchange.error is not None and exchange.error.startswith(REFUSED):
+                log.warning("agent_turn.refused", step=step, error=exchange.error)
+                await self._mark_failed(inp)
+                raise ApplicationError(f"{inp.role.value} turn {inp.turn}: {exchange.error}",
+                                       type="ModelRefused", non_retryable=True)
             if exchange.error is not None:
                 log.warning("agent_turn.invalid_output", step=step, error=exchange.error)
                 invalid_streak += 1
                 if invalid_streak == 2:
-                    await asyncio.to_thread(self.registry.set_status, inp.spec_id, [inp.role], "failed")
+                    await self._mark_failed(inp)
                     raise ApplicationError(
                         f"{inp.role.value} gave invalid output twice (turn {inp.turn}); "
                         f"last error: {exchange.error}", type="InvalidModelOutput", non_retryable=True)
                 repaired = True
             else:
                 invalid_streak = 0
-            repair = prompt.render("repair", {"tool": tool, "error": exchange.error or ""})
+            cut = exchange.cut or (exchange.error or "").startswith("the answer was cut at max_tokens")
+            if cut:
+                repair = (f"Your last answer was cut off at max_tokens ({self.max_tokens} tokens, "
+                          f"the setting RELAY_MAX_TOKENS) before it was complete, so it was not "
+                          f"accepted and none of its tool calls ran. "
+                          f"Answer again, more concisely, and call {tool} with complete input "
+                          f"that matches its schema.")
+            else:
+                repair = prompt.render("repair", {"tool": tool, "error": exchange.error or ""})
             user = []
             for index, call in enumerate(calls):
-                if call.get("name") == tool:
+                if call.get("name") == tool or cut:
                     user.append({"type": "tool_result", "tool_use_id": call["id"], "is_error": True,
                                  "content": repair})
                 elif toolbox is None:
                     user.append({"type": "tool_result", "tool_use_id": call["id"], "is_error": True,
                                  "content": f"refused: no tools are available; call {tool}"})
                 else:
-                    user.append(await self._run_tool(toolbox, call, step, index))
-            if not user:
-                user = [{"type": "text", "text": repair}]
+                    user.append(await self._run_tool(toolbox, call, step, index, state))
+            if not user or (cut and not any(c.get("name") == tool for c in calls)):
+                user.append({"type": "text", "text": repair})
 
-        await asyncio.to_thread(self.registry.set_status, inp.spec_id, [inp.role], "failed")
+        await self._mark_failed(inp)
         raise ApplicationError(
             f"{inp.role.value} tool loop cut at {inp.max_tool_steps} model calls without a result "
             f"(turn {inp.turn})", type="ToolLoopExceeded", non_retryable=True)
@@ -266,10 +360,57 @@ class AgentTurnActivities:
                        step_prefix=f"i{inp.iteration}/{inp.role.value}/t{inp.turn}",
                        check_timeout_s=inp.check_timeout_s)
 
+    async def _record(self, inp: AgentTurnInput, prompt: prompts.RolePrompt, session: AgentSession,
+                      step: int, exchange: Exchange, lease: TurnLease) -> bool:
+        """Record a paid exchange, patiently: through a registry outage the answer is carried in
+        the heartbeats, so that if this attempt gives up (or dies) the next one records it."""
+        pending = _Pending(session=session.id, turn=inp.turn, step=step, owner=lease.owner,
+                           exchange=exchange.model_dump(mode="json", exclude_defaults=True))
+        append = functools.partial(
+            self.registry.append_exchange, session.id, turn=inp.turn, step=step,
+            user_content=exchange.user, assistant_content=exchange.assistant,
+            model=exchange.model, usage=exchange.usage, error=exchange.error,
+            valid=True if exchange.output is not None else (
+                False if exchange.error is not None else None),
+            prompt_version=prompt.version, source=exchange.source, trust=exchange.trust,
+            status="idle" if exchange.output is not None else None,
+            release_lease=lease.owner if exchange.output is not None else None)
+        try:
+            stored = await asyncio.to_thread(append)
+        except Exception as exc:
+            if registry_error(exc) is None:
+                raise
+            carry(pending.details())
+            log.warning("agent_turn.record_failed", step=step, carried=True,
+                        error=str(registry_error(exc).message))
+            try:
+                stored = await patiently(append, what="append_exchange")
+            except Exception:
+                pending.gave_up = True  # this attempt ends: the next one may take its lease
+                carry(pending.details())
+                raise
+            log.info("agent_turn.recorded_after_outage", step=step)
+            carry(None)
+            return stored
+        if carried_over():
+            carry(None)  # the attempt's heartbeats carry nothing now
+        return stored
+
+    async def _mark_failed(self, inp: AgentTurnInput) -> None:
+        """Bookkeeping on the way out: its failure is logged, never raised over the turn's own
+        (non-retryable) reason."""
+        try:
+            await patiently(self.registry.set_status, inp.spec_id, [inp.role], "failed",
+                            what="set_status", budget_s=5.0)
+        except Exception as exc:  # noqa: BLE001
+            log.warning("agent_turn.set_status_failed", error=str(exc))
+
     async def _run_tool(self, toolbox: ToolBox, call: dict[str, Any], step: int,
-                        index: int) -> dict[str, Any]:
+                        index: int, state: _TurnState) -> dict[str, Any]:
         outcome = await finish_first(asyncio.to_thread(
             toolbox.run, call.get("name", ""), call.get("input"), f"x{step}/c{index}"))
+        if call.get("name") == "run_checks" and getattr(outcome, "unsandboxed", False):
+            state.unsandboxed_checks = True
         log.info("agent_turn.tool", tool=call.get("name"), error=outcome.is_error)
         block: dict[str, Any] = {"type": "tool_result", "tool_use_id": call["id"],
                                  "content": outcome.text}
@@ -310,14 +451,24 @@ class AgentTurnActivities:
                 tools=offered,  # type: ignore[arg-type]
                 tool_choice=tool_choice,  # type: ignore[arg-type]
             )
-        except anthropic.AnthropicError as exc:
+        except (anthropic.AnthropicError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+            # cause kept for the worker's log; the message Temporal records is one clean line
             raise to_temporal_error(exc, endpoint=str(self.client.base_url)) from exc
-        content = [b.model_dump(mode="json", exclude_none=True) for b in message.content]
+        try:
+            content = [b.model_dump(mode="json", exclude_none=True) for b in message.content]
+            u = message.usage
+            usage = TokenUsage(input_tokens=u.input_tokens, output_tokens=u.output_tokens,
+                               cache_read_input_tokens=u.cache_read_input_tokens or 0,
+                               cache_creation_input_tokens=u.cache_creation_input_tokens or 0)
+        except (AttributeError, TypeError, ValueError) as exc:  # valid JSON, not a Message
+            raise bad_response(str(self.client.base_url),
+                               f"not a Messages API answer: {type(exc).__name__}") from exc
         output, error = _classify(role, content, not forced)
-        u = message.usage
-        return Exchange(
-            user=user, assistant=content, model=message.model, output=output, error=error,
-            usage=TokenUsage(input_tokens=u.input_tokens, output_tokens=u.output_tokens,
-                             cache_read_input_tokens=u.cache_read_input_tokens or 0,
-                             cache_creation_input_tokens=u.cache_creation_input_tokens or 0),
-        )
+        stop = getattr(message, "stop_reason", None)
+        cut = stop == "max_tokens" and output is None
+        if stop == "refusal":
+            output, error = None, _refusal(content)
+        elif cut:
+            error = _cut_at(self.max_tokens)
+        return Exchange(user=user, assistant=content, model=message.model, output=output,
+                        error=error, usage=usage, cut=cut)

@@ -4,23 +4,50 @@
 delivery, adopters' hooks) and by the constructor's file tools inside an agent
 turn, so every side effect takes the same path: register (with its
 compensation's snapshot) → act → record done.
+
+The ledger lives in the registry, which can be unreachable for a while. Before
+acting, an outage is retried patiently and then raised as RegistryUnavailable:
+retryable, and never the effect's own failure. After acting, recording `done`
+is bookkeeping: it is retried on its own patient schedule (the activity keeps
+heartbeating), never counts as the effect failing and never rolls anything
+back; should the attempt end anyway, the next one acts again, which an effect
+("ensure", not "do") must allow.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
+import structlog
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
-from activities.heartbeat import finish_first, with_heartbeat
+from activities.heartbeat import finish_first, patience, patiently, with_heartbeat
+from activities.model_errors import registry_error
 from relay.effects import EffectContext, EffectFailed, EffectRegistry, UnknownEffect
 from relay.failpoints import Failpoints
 from relay.ledger import COMPENSATED, DONE, FAILED, NEEDS_HUMAN, STARTED, EffectConflict, EffectRecord, Ledger
 from relay.models import (
     CompensateInput, EffectInput, EffectRef, EffectResult, NeedsHumanInput, PendingCompensationsInput,
 )
+from relay.registry import patiently as patiently_sync
+
+T = TypeVar("T")
+log = structlog.get_logger("relay.effects")
+
+# Recording a failure is worth a short wait only: the effect's own error is waiting to be reported.
+FAILURE_NOTE_PATIENCE_S = 5.0
+
+
+def _ledger(fn: Callable[..., T], *args: Any, what: str, budget_s: float | None = None,
+            **kwargs: Any) -> T:
+    """A ledger call from a worker thread, retried through a registry outage for as long as the
+    attempt allows (see heartbeat.patience)."""
+    return patiently_sync(fn, *args, what=what, budget_s=patience() if budget_s is None else budget_s,
+                          **kwargs)
 
 
 def effect_ref(row: EffectRecord) -> EffectRef:
@@ -43,14 +70,16 @@ class EffectExecutor:
         if reversible_only and not definition.reversible:
             raise EffectConflict(f"effect {effect!r} is irreversible and cannot run before approval")
         undo = None
-        if definition.take_snapshot is not None and self.ledger.for_step(spec_id, step) is None:
+        if definition.take_snapshot is not None and _ledger(
+                self.ledger.for_step, spec_id, step, what="ledger.for_step") is None:
             # what the compensation needs is taken before acting and stored with the new row;
             # a retry finds its row, with the first attempt's snapshot, and takes none
             probe = EffectContext(spec_id=spec_id, run_id=run_id, key=key or "", data_dir=self.data_dir)
             undo = definition.take_snapshot(probe, payload)
-        row, _ = self.ledger.register(spec_id=spec_id, run_id=run_id, step=step, effect=effect,
-                                      reversible=definition.reversible, payload=payload, key=key,
-                                      undo=undo)
+        # safe to repeat: a registration that landed before its connection broke is found again
+        row, _ = _ledger(self.ledger.register, spec_id=spec_id, run_id=run_id, step=step,
+                         effect=effect, reversible=definition.reversible, payload=payload, key=key,
+                         undo=undo, what="ledger.register")
         if row.status == DONE:
             return row, True
         if row.status in (COMPENSATED, NEEDS_HUMAN):
@@ -59,17 +88,29 @@ class EffectExecutor:
         try:
             result = definition.act(ctx, payload)
         except Exception as exc:
-            self.ledger.update(row.key, only_from=(STARTED, FAILED), status=FAILED,
-                               error=_line(exc))
+            self._note(row.key, "effect.failure_not_recorded", only_from=(STARTED, FAILED),
+                       status=FAILED, error=_line(exc))
             raise
         self.failpoints.hit("effect.after_act", effect)
-        row = self.ledger.update(row.key, only_from=(STARTED, FAILED), status=DONE, result=result,
-                                 error=None)
+        # The effect happened. What follows is bookkeeping: an outage is waited out, not failed.
+        # `done` already is fine: a retried write whose first try landed before its connection
+        # broke (or a concurrent attempt of this same ensure) finds it so.
+        row = _ledger(self.ledger.update, row.key, only_from=(STARTED, FAILED, DONE), status=DONE,
+                      result=result, error=None, what=f"ledger.done {effect}")
         self.failpoints.hit("effect.after_ledger", effect)
         return row, False
 
+    def _note(self, key: str, event: str, **fields: Any) -> None:
+        """Record something about a failure that is already being raised: a failure to record
+        it is logged, never raised in its place."""
+        try:
+            _ledger(self.ledger.update, key, what="ledger.update",
+                    budget_s=min(FAILURE_NOTE_PATIENCE_S, patience()), **fields)
+        except Exception as exc:  # noqa: BLE001
+            log.warning(event, key=key, error=_line(exc))
+
     def compensate(self, key: str) -> EffectRecord:
-        row = self.ledger.get(key)
+        row = _ledger(self.ledger.get, key, what="ledger.get")
         if row is None:
             raise KeyError(f"no effect with key {key}")
         if row.status == COMPENSATED:
@@ -78,10 +119,13 @@ class EffectExecutor:
         if definition.undo is None:
             raise EffectConflict(f"effect {row.effect} is irreversible")
         ctx = EffectContext(spec_id=row.spec_id, run_id=row.run_id, key=row.key, data_dir=self.data_dir)
-        self.ledger.update(key, compensation_attempts=row.compensation_attempts + 1)
+        _ledger(self.ledger.update, key, compensation_attempts=row.compensation_attempts + 1,
+                what="ledger.update")  # an absolute value: safe to repeat
         definition.undo(ctx, row.payload, row.undo, row.result)
         self.failpoints.hit("compensate.after_undo", row.effect)
-        return self.ledger.update(key, status=COMPENSATED, error=None)
+        # undone: recording it is bookkeeping, like an effect's `done`
+        return _ledger(self.ledger.update, key, status=COMPENSATED, error=None,
+                       what=f"ledger.compensated {row.effect}")
 
 
 def _line(exc: BaseException) -> str:
@@ -89,9 +133,12 @@ def _line(exc: BaseException) -> str:
 
 
 def effect_error(exc: Exception, attempt: int, max_attempts: int) -> ApplicationError:
-    """How a failed effect reaches Temporal, in one place: a conflict or an unknown effect never
-    retries; an effect's own non-retryable failure stops at once; anything else retries until
-    max_attempts (0: the retry policy decides)."""
+    """How a failed effect reaches Temporal, in one place: a registry outage is not the effect's
+    failure and stays retryable whatever the attempt (the retry policy alone bounds it); a
+    conflict or an unknown effect never retries; an effect's own non-retryable failure stops at
+    once; anything else retries until max_attempts (0: the retry policy decides)."""
+    if (outage := registry_error(exc)) is not None:
+        return outage
     if isinstance(exc, (EffectConflict, UnknownEffect)):
         return ApplicationError(_line(exc), type=type(exc).__name__, non_retryable=True)
     final = (isinstance(exc, EffectFailed) and not exc.retryable) or (
@@ -118,7 +165,11 @@ class EffectActivities:
 
     @activity.defn(name="pending_compensations")
     async def pending_compensations(self, inp: PendingCompensationsInput) -> list[EffectRef]:
-        rows = await asyncio.to_thread(self.executor.ledger.to_compensate, inp.spec_id, inp.run_id)
+        try:
+            rows = await patiently(self.executor.ledger.to_compensate, inp.spec_id, inp.run_id,
+                                   what="ledger.to_compensate")
+        except Exception as exc:
+            raise registry_error(exc) or exc from None
         return [effect_ref(r) for r in rows]
 
     @activity.defn(name="compensate_effect")
@@ -127,12 +178,18 @@ class EffectActivities:
             return effect_ref(await with_heartbeat(finish_first(asyncio.to_thread(
                 self.executor.compensate, inp.key))))
         except Exception as exc:
-            await asyncio.to_thread(self.executor.ledger.update, inp.key,
-                                    error=_line(exc))
-            raise ApplicationError(f"compensation failed: {exc}", type="CompensationFailed") from None
+            if (outage := registry_error(exc)) is not None:
+                raise outage from None  # not the compensation's failure: retried as such
+            await asyncio.to_thread(self.executor._note, inp.key,
+                                    "compensation.failure_not_recorded", error=_line(exc))
+            raise ApplicationError(f"compensation failed: {_line(exc)}",
+                                   type="CompensationFailed") from None
 
     @activity.defn(name="mark_needs_human")
     async def mark_needs_human(self, inp: NeedsHumanInput) -> EffectRef:
-        row = await asyncio.to_thread(self.executor.ledger.update, inp.key, status=NEEDS_HUMAN,
-                                      error=inp.reason)
+        try:
+            row = await patiently(self.executor.ledger.update, inp.key, status=NEEDS_HUMAN,
+                                  error=inp.reason, what="ledger.needs_human")
+        except Exception as exc:
+            raise registry_error(exc) or exc from None
         return effect_ref(row)

@@ -11,6 +11,11 @@ notices the death. Taking and ending it ride on the turn's own registry
 transactions (begin_turn, the final append_exchange), so a turn pays no extra
 write for it. Lease times come from the workers' clocks, which must agree to
 within a fraction of the heartbeat timeout.
+
+An attempt that gave up on a registry outage could not end its lease; the next
+attempt knows it from the answer it carried over (see heartbeat.carry) and
+supersedes that lease instead of waiting for it to lapse. Ending a lease is
+bookkeeping: its failure is logged, never raised over the turn's own outcome.
 """
 
 from __future__ import annotations
@@ -24,11 +29,13 @@ import structlog
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
+from activities.heartbeat import patiently
 from relay.registry import Registry
 
 log = structlog.get_logger("relay.agent_turn")
 
 DEFAULT_TTL_S = 60.0
+RELEASE_PATIENCE_S = 3.0  # short: the turn's own outcome is waiting to be reported
 
 
 @dataclass
@@ -39,6 +46,7 @@ class TurnLease:
     held: bool = False
     released: bool = False  # ended by the turn's final append_exchange
     lost: bool = False  # it lapsed and another attempt took it over
+    supersede: str | None = None  # a previous attempt known to have given up: its lease is ours
 
     @classmethod
     def for_this_attempt(cls, registry: Registry) -> TurnLease:
@@ -51,8 +59,8 @@ class TurnLease:
         """Take the lease, waiting while another live attempt holds it; True if it waited."""
         waited = False
         while not self.held:
-            self.held = await asyncio.to_thread(self.registry.claim_turn, session_id, self.owner,
-                                                self.ttl_s)
+            self.held = await patiently(self.registry.claim_turn, session_id, self.owner,
+                                        self.ttl_s, supersede=self.supersede, what="claim_turn")
             if not self.held:
                 if not waited:
                     log.info("agent_turn.waiting_for_other_attempt")
@@ -75,9 +83,16 @@ class TurnLease:
                                    type="TurnLeaseLost")
 
     async def end(self) -> None:
-        """Whatever happened (even a cancellation mid-claim), this attempt holds nothing after."""
-        if not self.released:
-            await asyncio.to_thread(self.registry.release_turn, self.owner)
+        """Whatever happened (even a cancellation mid-claim), this attempt holds nothing after.
+        Never raises: a failure here must not hide why the turn ended. A lease left behind by
+        a registry outage lapses after its TTL, or the next attempt supersedes it."""
+        if self.released:
+            return
+        try:
+            await patiently(self.registry.release_turn, self.owner, what="release_turn",
+                            budget_s=RELEASE_PATIENCE_S)
+        except BaseException as exc:  # noqa: BLE001  (cancellation included: we are in a finally)
+            log.warning("agent_turn.lease_release_failed", error=str(exc) or type(exc).__name__)
 
     async def _renew(self, session_id: str) -> None:
         while not self.released:

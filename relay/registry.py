@@ -13,17 +13,25 @@ Synchronous SQLAlchemy; activities call it through a thread.
 from __future__ import annotations
 
 import hashlib
+import re
+import time
 import uuid
+from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
-from typing import Any
+from typing import Any, TypeVar
 
+import structlog
 from sqlalchemy import JSON, Column, UniqueConstraint, event, func, or_, update
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Engine
-from sqlalchemy.sql.dml import Update
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.sql.dml import Update
 from sqlmodel import Field, Session, SQLModel, create_engine, select
 
 from relay.models import ROLES, Role, TokenUsage
+
+T = TypeVar("T")
+_log = structlog.get_logger("relay.registry")
 
 
 def utcnow() -> datetime:
@@ -123,16 +131,85 @@ def make_engine(url: str) -> Engine:
             cur.close()
 
         return engine
-    return create_engine(url, pool_pre_ping=True)
+    # A server that stops answering (crashed host, dropped network) must fail a connection in
+    # seconds, not hang a worker thread on TCP's own timeouts: outages are retried above.
+    return create_engine(url, pool_pre_ping=True,
+                         connect_args={"connect_timeout": 10} if url.startswith("postgresql") else {})
 
 
-def _claim(session_id: str, owner: str, ttl_s: float) -> Update:
+class RegistryUnavailable(Exception):
+    """The registry database cannot be reached or cannot write (server down, disk full, network).
+
+    Transient by nature: what failed should be retried once the database is back, and never
+    counted as the failure of the work (a model call, an effect) that was being recorded."""
+
+
+def registry_outage(exc: BaseException) -> RegistryUnavailable | None:
+    """The one place that decides whether a database error is an outage (retry later) rather
+    than a bug or a conflict (constraint violations and bad SQL are not outages)."""
+    if isinstance(exc, RegistryUnavailable):
+        return exc
+    outage = (
+        isinstance(exc, (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.TimeoutError,
+                         sa_exc.DisconnectionError))
+        or type(exc) is sa_exc.DBAPIError  # a driver error SQLAlchemy could not classify
+        or bool(getattr(exc, "connection_invalidated", False))
+    )
+    if not outage:
+        return None
+    unavailable = RegistryUnavailable(f"registry unavailable: {describe_db_error(exc)}")
+    unavailable.__cause__ = exc
+    return unavailable
+
+
+# Retrying an outage: exponential backoff from a quarter second, capped, within a budget.
+FIRST_DELAY_S, MAX_DELAY_S = 0.25, 10.0
+
+
+def patiently(fn: Callable[..., T], *args: Any, what: str, budget_s: float,
+              **kwargs: Any) -> T:
+    """Call `fn`, retrying a registry outage with backoff for up to `budget_s` seconds, then
+    raise RegistryUnavailable; any other error is raised at once. Blocking: for worker threads
+    (the activity's own heartbeats go on meanwhile). Only for calls that are safe to repeat."""
+    deadline = time.monotonic() + budget_s
+    delay, failures = FIRST_DELAY_S, 0
+    while True:
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:
+            outage = registry_outage(exc)
+            if outage is None:
+                raise
+            failures += 1
+            if time.monotonic() + delay > deadline:
+                _log.error("registry.gave_up", what=what, error=str(outage), failures=failures)
+                raise outage from exc
+            if failures == 1 or failures % 10 == 0:
+                _log.warning("registry.retrying", what=what, error=str(outage), failures=failures)
+            time.sleep(delay)
+            delay = min(delay * 2, MAX_DELAY_S)
+
+
+def describe_db_error(exc: BaseException) -> str:
+    """A database error on one line: the driver's own message, without SQLAlchemy's statement
+    dump, parameters and help link."""
+    orig = getattr(exc, "orig", None)
+    text = str(orig) if orig is not None and str(orig) else str(exc)
+    text = re.sub(r"\(Background on this error at: [^)]*\)", "", text)
+    text = text.split("[SQL:", 1)[0]
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return (lines[0] if lines else type(exc).__name__)[:300]
+
+
+def _claim(session_id: str, owner: str, ttl_s: float, supersede: str | None = None) -> Update:
     now = utcnow()
+    free = [AgentSession.lease_owner.is_(None),  # type: ignore[union-attr]
+            AgentSession.lease_owner == owner,
+            AgentSession.lease_until < now]  # type: ignore[operator]
+    if supersede is not None:  # an attempt known to have given up: no need to wait for its lapse
+        free.append(AgentSession.lease_owner == supersede)
     return (update(AgentSession)
-            .where(AgentSession.id == session_id,  # type: ignore[arg-type]
-                   or_(AgentSession.lease_owner.is_(None),  # type: ignore[union-attr]
-                       AgentSession.lease_owner == owner,
-                       AgentSession.lease_until < now))  # type: ignore[operator]
+            .where(AgentSession.id == session_id, or_(*free))  # type: ignore[arg-type]
             .values(lease_owner=owner, lease_until=now + timedelta(seconds=ttl_s)))
 
 
@@ -245,7 +322,8 @@ class Registry:
             return found, False
 
     def begin_turn(self, spec_id: str, role: Role | str, turn: int, lease_owner: str,
-                   lease_ttl_s: float) -> tuple[AgentSession, bool, list[SessionMessage], bool]:
+                   lease_ttl_s: float, supersede: str | None = None,
+                   ) -> tuple[AgentSession, bool, list[SessionMessage], bool]:
         """Everything an agent turn needs, in one transaction: its session (found or created),
         the session's whole history, the session marked running unless the turn is recorded,
         and whether the turn's lease (see claim_turn) was taken for `lease_owner`."""
@@ -256,7 +334,7 @@ class Registry:
                     AgentSession.spec_id == spec_id, AgentSession.role == Role(role).value)).first()
                 if session is not None:
                     leased = db.connection().execute(
-                        _claim(session.id, lease_owner, lease_ttl_s)).rowcount == 1
+                        _claim(session.id, lease_owner, lease_ttl_s, supersede)).rowcount == 1
                     history = list(db.exec(
                         select(SessionMessage).where(SessionMessage.session_id == session.id)
                         .order_by(SessionMessage.seq)  # type: ignore[arg-type]
@@ -269,12 +347,13 @@ class Registry:
             _, created = self.resolve_session(spec_id, role)  # scenario A: create, then read it
         raise RuntimeError(f"session of {spec_id}/{Role(role).value} vanished")
 
-    def claim_turn(self, session_id: str, owner: str, ttl_s: float) -> bool:
+    def claim_turn(self, session_id: str, owner: str, ttl_s: float,
+                   supersede: str | None = None) -> bool:
         """Lease the session to one activity attempt, so two live attempts of a turn never
         both pay for its model calls (claiming again renews it). Free, lapsed or already
         ours: taken; held by another live attempt: False."""
         with self.engine.begin() as conn:
-            return conn.execute(_claim(session_id, owner, ttl_s)).rowcount == 1
+            return conn.execute(_claim(session_id, owner, ttl_s, supersede)).rowcount == 1
 
     def extend_turn(self, session_id: str, owner: str, ttl_s: float) -> bool:
         """Renew a lease this owner still holds; False if it ended or was taken over."""

@@ -2,9 +2,16 @@
 
 relay uses it as its built-in model when no API key is configured, and tests use
 it as the model double: it answers `POST /v1/messages` with the forced tool's
-structured output for each relay role, can inject faults (429/529/500/401, slow
-answers, invalid output), records every request (never the key's value), and
-exposes `/_relay/*` control endpoints so a test can drive a server in another process.
+structured output for each relay role, can inject faults, records every request
+(never the key's value), and exposes `/_relay/*` control endpoints so a test can
+drive a server in another process.
+
+Faults: any HTTP error status (`error` with `status`, or the named 429/529/500/401
+kinds), with or without retry-after; transport faults (`reset`: the connection
+is cut mid-answer; `hang`: no answer for `delay_s`; `truncated`: a 200 whose
+JSON body is cut short); and answers a real model may give (`slow`,
+`invalid_output`, `max_tokens`: cut at max_tokens with incomplete tool input,
+`refusal`, `text_only`: text and no tool call).
 
 Run alone with `python -m relay.scripted_model --port 8765`.
 """
@@ -17,6 +24,7 @@ import itertools
 import json
 import re
 import socket
+import struct
 import threading
 import time
 from http import HTTPStatus
@@ -28,7 +36,9 @@ from pydantic import BaseModel, ValidationError
 from relay import scripted_workspace
 from relay.models import OUTPUT_TOOLS, ROLE_BY_TOOL, SCRIPTED_MODEL_PREFIX, Role
 
-FaultKind = Literal["rate_limit", "overloaded", "server_error", "auth_error", "slow", "invalid_output"]
+FaultKind = Literal["rate_limit", "overloaded", "server_error", "auth_error", "error", "slow",
+                    "invalid_output", "reset", "hang", "truncated", "max_tokens", "refusal",
+                    "text_only"]
 
 # Fault kinds answered with an error: kind -> (HTTP status, Anthropic error type).
 ERROR_FAULTS: dict[str, tuple[int, str]] = {
@@ -38,13 +48,33 @@ ERROR_FAULTS: dict[str, tuple[int, str]] = {
     "auth_error": (401, "authentication_error"),
 }
 
+# The Anthropic error type of each status (for the `error` fault).
+ERROR_TYPES: dict[int, str] = {
+    400: "invalid_request_error", 401: "authentication_error", 402: "billing_error",
+    403: "permission_error", 404: "not_found_error", 408: "timeout_error", 409: "conflict_error",
+    413: "request_too_large", 422: "invalid_request_error", 429: "rate_limit_error",
+    500: "api_error", 502: "api_error", 503: "api_error", 504: "timeout_error",
+    529: "overloaded_error",
+}
+
+REFUSAL_TEXT = "I can't help with that request."
+
+
+class _Transport(Exception):
+    """A fault that is not an HTTP answer: the handler acts on the socket itself."""
+
+    def __init__(self, fault: Fault, payload: dict | None = None) -> None:
+        super().__init__(fault.kind)
+        self.fault, self.payload = fault, payload
+
 
 class Fault(BaseModel):
     kind: FaultKind
     role: str | None = None  # only requests of this role (None = any)
     count: int = 1  # how many matching requests it applies to, then it is spent
     retry_after: float | None = None  # seconds, sent as `retry-after` on error faults
-    delay_s: float = 0.0  # for "slow": sleep this long, then answer normally
+    delay_s: float = 0.0  # "slow": sleep this long, then answer normally; "hang": hold this long
+    status: int | None = None  # for "error": the HTTP status to answer with
 
 
 class RecordedRequest(BaseModel):
@@ -212,6 +242,29 @@ class _Handler(BaseHTTPRequestHandler):
             lines.append("Connection: close")
         self.wfile.write(("\r\n".join(lines) + "\r\n\r\n").encode() + data)
 
+    def transport_fault(self, fault: Fault, payload: dict | None) -> None:
+        """Misbehave on the wire: cut the answer, withhold it, or send a truncated body."""
+        data = json.dumps(payload or {}).encode()
+        if fault.kind == "hang":
+            deadline = time.monotonic() + (fault.delay_s or 30.0)
+            while time.monotonic() < deadline and not self.server.stopping.is_set():
+                time.sleep(0.05)
+        elif fault.kind == "truncated":  # a complete HTTP message whose JSON is cut short
+            cut = data[: len(data) // 2]
+            self.wfile.write(("HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                              f"Content-Length: {len(cut)}\r\n\r\n").encode() + cut)
+            return
+        elif fault.kind == "reset":  # headers and half the body, then a TCP reset
+            self.wfile.write(("HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                              f"Content-Length: {len(data)}\r\n\r\n").encode()
+                             + data[: len(data) // 2])
+            self.wfile.flush()
+            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                       struct.pack("ii", 1, 0))
+        self.close_connection = True
+        with contextlib.suppress(OSError):
+            self.connection.close()
+
     def not_found(self, path: str) -> None:
         self.send(404, error_body("not_found_error", f"Unknown path: {path}"))
 
@@ -231,6 +284,8 @@ class _Handler(BaseHTTPRequestHandler):
             auth = bool(self.headers.get("Authorization") or self.headers.get("x-api-key"))
             try:
                 self.send(*model.handle_messages(raw, auth))
+            except _Transport as t:
+                self.transport_fault(t.fault, t.payload)
             except Exception as e:  # a bug must still get an answer, not a dropped connection
                 self.send(500, error_body("api_error", f"Scripted model error: {e!r}"))
         elif path == "/v1/messages/count_tokens":
@@ -259,6 +314,7 @@ class _Server(ThreadingHTTPServer):
         super().__init__(address, _Handler)
         self.model = model
         self.open_sockets: set[socket.socket] = set()
+        self.stopping = threading.Event()  # ends held (hanging) requests
 
     def close_connections(self) -> None:
         """End kept-alive connections so clients see the server go away."""
@@ -297,6 +353,7 @@ class ScriptedModel:
 
     def stop(self) -> None:
         if self._server is not None:
+            self._server.stopping.set()
             self._server.shutdown()
             self._server.server_close()
             self._server.close_connections()
@@ -363,17 +420,34 @@ class ScriptedModel:
             self._arrived.append(role.value)
         fault = self._take_fault(role)
         kind = fault.kind if fault else None
-        if fault and fault.kind in ERROR_FAULTS:
-            status, error_type = ERROR_FAULTS[fault.kind]
+        if fault and (fault.kind in ERROR_FAULTS or fault.kind == "error"):
+            if fault.kind == "error":
+                status = fault.status or 500
+                error_type = ERROR_TYPES.get(status, "api_error")
+            else:
+                status, error_type = ERROR_FAULTS[fault.kind]
             self._record(role, body, status, kind, auth)
             retry = {} if fault.retry_after is None else {"retry-after": f"{fault.retry_after:g}"}
-            return status, error_body(error_type, f"Scripted fault: {kind}"), retry
+            return status, error_body(error_type, f"Scripted fault: {kind}"
+                                      + (f" {status}" if fault.kind == "error" else "")), retry
         if fault and fault.kind == "slow":
             time.sleep(fault.delay_s)
+        if fault and fault.kind in ("hang", "reset"):
+            self._record(role, body, 0, kind, auth)
+            raise _Transport(fault, self._message(body, [(OUTPUT_TOOLS[role],
+                                                          role_output(role, body["messages"]))]))
         if kind == "invalid_output":
             output: dict = {"unexpected": True}
             self._record(role, body, 200, kind, auth)
             return 200, self._message(body, [(OUTPUT_TOOLS[role], output)]), {}
+        if kind == "max_tokens":  # the answer stopped mid tool call: its input is incomplete
+            self._record(role, body, 200, kind, auth)
+            return 200, self._message(body, [(OUTPUT_TOOLS[role], {})], stop="max_tokens"), {}
+        if kind in ("refusal", "text_only"):
+            text = REFUSAL_TEXT if kind == "refusal" else "Here is my answer, in prose."
+            self._record(role, body, 200, kind, auth)
+            return 200, self._message(body, [], stop="refusal" if kind == "refusal" else "end_turn",
+                                      text=text), {}
         messages = [m for m in body.get("messages") or [] if isinstance(m, dict)]
         tools = _workspace_tools(body)
         calls = None
@@ -387,17 +461,21 @@ class ScriptedModel:
                 output = scripted_workspace.final_output(role, messages, output, original)
             calls = [(OUTPUT_TOOLS[role], output)]
         self._record(role, body, 200, kind, auth)
+        if kind == "truncated":
+            raise _Transport(fault, self._message(body, calls))  # type: ignore[arg-type]
         return 200, self._message(body, calls), {}
 
-    def _message(self, body: dict, calls: list[tuple[str, dict]]) -> dict:
+    def _message(self, body: dict, calls: list[tuple[str, dict]], stop: str = "tool_use",
+                 text: str | None = None) -> dict:
         n = next(self._ids)
-        content = [{"type": "tool_use", "id": f"toolu_scripted_{n}_{i}", "name": name, "input": args}
-                   for i, (name, args) in enumerate(calls)]
+        content = [{"type": "text", "text": text}] if text else []
+        content += [{"type": "tool_use", "id": f"toolu_scripted_{n}_{i}", "name": name,
+                     "input": args} for i, (name, args) in enumerate(calls)]
         return {
             "id": f"msg_scripted_{n}", "type": "message", "role": "assistant",
             "model": body.get("model") or self.model_name,
             "content": content,
-            "stop_reason": "tool_use", "stop_sequence": None,
+            "stop_reason": stop, "stop_sequence": None,
             "usage": {"input_tokens": _tokens([body.get("system"), body.get("messages")]),
                       "output_tokens": _tokens(content),
                       "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0},
