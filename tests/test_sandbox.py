@@ -418,3 +418,26 @@ async def test_a_hostile_check_in_a_running_spec(relay, user_repo, model_server,
     assert result.outcome == "delivered"  # delivery ran git in the checkout: no hook fired
     assert not marker.exists() and not (user_repo / "pwned.py").exists()
     assert not (user_repo / ".git" / "hooks" / "post-merge").exists()
+
+
+async def test_a_spec_whose_checks_ran_unsandboxed_says_so(relay, user_repo, monkeypatch):
+    """The operator's opt-out is never silent: the spec's status and result carry it."""
+    monkeypatch.setenv("RELAY_BWRAP", "/nonexistent/bwrap")  # no working sandbox here
+    monkeypatch.setenv("RELAY_UNSANDBOXED_CHECKS", "1")
+    sid = await relay.run("Write a greeting module", spec_id=spec_id("optout"),
+                          workspace=WorkspaceInput(path=str(user_repo), check="python -m unittest"))
+    await wait_for_questions(relay, sid)
+    await relay.answer(sid, ANSWERS)
+    result = await approve_when_asked(relay, sid, timeout=90)
+    assert result.outcome == "delivered"
+    assert "checks_ran_unsandboxed" in result.flags
+    assert "checks_ran_unsandboxed" in (await relay.status(sid)).flags
+
+
+async def test_a_spec_with_a_sandbox_is_not_flagged(relay, user_repo):
+    sid = await relay.run("Write a greeting module", spec_id=spec_id("boxed"),
+                          workspace=WorkspaceInput(path=str(user_repo), check="python -m unittest"))
+    await wait_for_questions(relay, sid)
+    await relay.answer(sid, ANSWERS)
+    result = await approve_when_asked(relay, sid, timeout=90)
+    assert result.outcome == "delivered" and "checks_ran_unsandboxed" not in result.flags

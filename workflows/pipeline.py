@@ -34,6 +34,7 @@ with workflow.unsafe.imports_passed_through():
     )
     from relay.converter import Undecodable
     from workflows import render, saga
+    from workflows.outage import through_outages
     from workflows.saga import BOOKKEEPING
     from relay import one_line as _one_line
     from workflows.saga import reason as _reason
@@ -276,7 +277,7 @@ class SpecPipeline:
         self._session_state(role, "running")
         limits = self._limits
         try:
-            result = await workflow.execute_activity(
+            result = await through_outages(lambda: workflow.execute_activity(
                 "agent_turn",
                 AgentTurnInput(spec_id=self._status.spec_id, role=role, turn=turn, kind=kind,
                                variables=variables, iteration=self._status.iteration,
@@ -292,7 +293,7 @@ class SpecPipeline:
                                          maximum_attempts=limits.model_max_attempts),
                 summary=f"{role.value} turn {turn} ({kind})",
                 cancellation_type=ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
-            )
+            ), f"{role.value} turn {turn}")
         except ActivityError as err:
             if _cancelled(err):
                 raise asyncio.CancelledError() from None
@@ -316,12 +317,12 @@ class SpecPipeline:
     async def _prepare_workspace(self, inp: SpecInput, workspace: WorkspaceInput) -> None:
         self._effects_begun = True
         try:
-            self._status.workspace = await workflow.execute_activity(
+            self._status.workspace = await through_outages(lambda: workflow.execute_activity(
                 "prepare_workspace",
                 PrepareWorkspaceInput(spec_id=self._status.spec_id, iteration=self._status.iteration,
                                       workspace=workspace),
                 result_type=WorkspaceRef, summary="prepare branch and worktree",
-                **self._effect_options())
+                **self._effect_options()), "prepare workspace")
             _stop_if_cancelled()
             for index, hook in enumerate(h for h in inp.hooks if h.at == "prepare"):
                 await self._effect(f"hook/prepare/{index}", hook.effect, hook.payload,
@@ -359,12 +360,13 @@ class SpecPipeline:
                                               maximum_interval=timedelta(seconds=30),
                                               maximum_attempts=attempts)
         try:
-            result = await workflow.execute_activity(
+            result = await through_outages(lambda: workflow.execute_activity(
                 "run_effect",
                 EffectInput(spec_id=self._status.spec_id, step=f"i{self._status.iteration}/{step}",
                             effect=effect, payload=payload, reversible_only=reversible_only,
                             max_attempts=attempts),
-                result_type=EffectResult, summary=f"{effect} ({step})", **options)
+                result_type=EffectResult, summary=f"{effect} ({step})", **options),
+                f"{effect} ({step})")
         except ActivityError as err:
             if _cancelled(err):
                 raise asyncio.CancelledError() from None
@@ -616,4 +618,6 @@ def _cancelled(err: ActivityError) -> bool:
 
 
 def _is_invalid_output(err: ActivityError) -> bool:
-    return isinstance(err.cause, ApplicationError) and err.cause.type == "InvalidModelOutput"
+    """The session itself is unusable (the agent marked it failed): not an idle one."""
+    return isinstance(err.cause, ApplicationError) and err.cause.type in (
+        "InvalidModelOutput", "ModelRefused")

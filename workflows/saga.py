@@ -17,6 +17,7 @@ from temporalio.exceptions import ActivityError
 
 with workflow.unsafe.imports_passed_through():
     from relay import one_line
+    from workflows.outage import through_outages
     from relay.models import (
         CompensateInput, EffectRef, Limits, NeedsHumanInput, PendingCompensationsInput,
     )
@@ -37,14 +38,15 @@ async def compensate(spec_id: str, run_id: str | None,
     compensated, stuck = [], []
     for ref in pending:
         try:
-            compensated.append(await workflow.execute_activity(
+            compensated.append(await through_outages(lambda: workflow.execute_activity(
                 "compensate_effect", CompensateInput(key=ref.key), result_type=EffectRef,
                 summary=f"compensate {ref.effect} ({ref.step})",
                 start_to_close_timeout=timedelta(minutes=5),
                 heartbeat_timeout=timedelta(seconds=limits.heartbeat_timeout_s),
                 cancellation_type=ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
                 retry_policy=RetryPolicy(initial_interval=timedelta(milliseconds=500),
-                                         maximum_attempts=limits.compensation_max_attempts)))
+                                         maximum_attempts=limits.compensation_max_attempts)),
+                f"compensate {ref.effect}"))
         except ActivityError as err:
             stuck.append(await workflow.execute_activity(
                 "mark_needs_human", NeedsHumanInput(key=ref.key, reason=reason(err)),
