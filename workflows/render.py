@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from relay.models import Change, Phase, Plan, Question, Status
 
 
@@ -29,18 +31,56 @@ def best_spec_so_far(original: str, request: str, asked: list[tuple[Question, st
     return f"{head}\n\nAnswers given:\n{qa}\n\n(The clarifier did not finish; this spec is best effort.)"
 
 
+def question_ids(questions: list[Question]) -> str:
+    """The ids of pending questions, for activity and timer summaries: "q1, q2"."""
+    return ", ".join(q.id for q in questions) or "(none)"
+
+
+def answers_payload(questions: list[Question]) -> str:
+    """The exact one-line JSON the `answer` update takes, with the real ids."""
+    return json.dumps({"answers": {q.id: "..." for q in questions}}, ensure_ascii=False)
+
+
+APPROVE_PAYLOAD = '{"reviewer": "your name"}'
+REJECT_PAYLOAD = '{"reason": "why not"}'
+_ENDED = {Phase.completed, Phase.failed, Phase.cancelled}
+
+
 def details(status: Status) -> str:
-    """Markdown for the Web UI's current details."""
-    lines = [f"**{status.phase.value.replace('_', ' ')}** · iteration {status.iteration}"]
-    if status.current_role:
-        lines.append(f"current agent: {status.current_role.value}")
-    if status.phase == Phase.waiting_for_answers and status.pending:
-        lines.append(f"Waiting for answers (round {status.pending.round}) — send the "
-                     "`answer` update or `answer_signal` signal with "
-                     '`{"answers": {"<id>": "<text>"}}`:')
-        lines += [f"- `{q.id}`: {q.text}" for q in status.pending.questions]
-    if status.phase == Phase.waiting_for_approval and status.waiting_for:
-        lines.append(f"Waiting for {status.waiting_for}")
+    """Markdown for the Web UI's current details (its "User Metadata" section).
+
+    A Web UI user must be able to act on this alone: it says what the spec waits for and
+    which update or signal to send, with the JSON to paste. No CLI command stands in for a
+    payload here; the CLI prints its own hints.
+    """
+    phase = status.phase
+    if phase in _ENDED:
+        outcome = status.outcome or phase.value
+        # the raw value: it is what the RelayOutcome search attribute holds and filters on
+        lines = [f"**outcome: {outcome}** · iteration {status.iteration}"]
+    else:
+        lines = [f"**{phase.value.replace('_', ' ')}** · iteration {status.iteration}"]
+    if phase == Phase.waiting_for_answers and status.pending:
+        questions = status.pending.questions
+        lines.append(f"Waiting for answers to the clarifier's questions "
+                     f"(round {status.pending.round}):")
+        lines.append("\n".join(f"- `{q.id}`: {q.text}" for q in questions))
+        lines.append("To answer, send from **More Actions → Send an Update** the update `answer` "
+                     "(or from **Send a Signal** the signal `answer_signal`) with this JSON, each "
+                     "`...` replaced by your answer:")
+        lines.append(f"`{answers_payload(questions)}`")
+    elif phase == Phase.waiting_for_approval:
+        ws = status.workspace
+        target = (f"merge branch `{ws.branch}` into `{ws.target}`" if ws
+                  else "deliver the validated change")
+        lines.append(f"Waiting for a human to approve: {target}.")
+        lines.append("Send it from **More Actions → Send an Update** (or **Send a Signal**):")
+        lines.append(f"- approve: update `approve` (signal `approve_signal`), JSON "
+                     f"`{APPROVE_PAYLOAD}`\n"
+                     f"- reject: update `reject` (signal `reject_signal`), JSON `{REJECT_PAYLOAD}`")
+    elif phase not in _ENDED:
+        who = f"the {status.current_role.value}" if status.current_role else "relay"
+        lines.append(f"Nothing to send now: {who} is working.")
     if status.needs_human:
         lines.append("**needs a human**: compensation failed for "
                      + ", ".join(f"{e.effect} ({e.step})" for e in status.needs_human)
