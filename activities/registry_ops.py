@@ -6,7 +6,7 @@ import asyncio
 
 import structlog
 from temporalio import activity
-from temporalio.exceptions import ApplicationError
+from temporalio.exceptions import ApplicationError, ApplicationErrorCategory
 
 from relay.models import (
     ROLES, OpenSpecInput, OpenSpecResult, SessionRef, SessionStateInput, WorkspaceInput,
@@ -29,7 +29,10 @@ class RegistryActivities:
                 self.registry.open_spec, inp.spec_id, inp.run_id, inp.request, inp.iterate,
                 inp.workspace.model_dump() if inp.workspace else None)
         except SpecConflict as exc:
-            raise ApplicationError(str(exc), type="SpecConflict", non_retryable=True) from None
+            # an expected refusal (e.g. a raw `temporal workflow start` on an existing spec id):
+            # BENIGN logs it at debug level, without a traceback, and records no failure metric
+            raise ApplicationError(str(exc), type="SpecConflict", non_retryable=True,
+                                   category=ApplicationErrorCategory.BENIGN) from None
         refs = []
         for role in ROLES:
             session, _ = await asyncio.to_thread(self.registry.resolve_session, inp.spec_id, role)

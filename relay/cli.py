@@ -7,6 +7,8 @@ every failure a person can cause prints one line `error: ...` and exits 1.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import errno
 import json
 import os
@@ -21,13 +23,14 @@ import typer.main
 from pydantic import ValidationError
 from sqlalchemy.exc import SQLAlchemyError
 from rich.console import Console
-from rich.prompt import Confirm, Prompt
+from rich.markup import escape
 from rich.text import Text
 from typer import Abort
 from typer._click.exceptions import ClickException, NoArgsIsHelpError
 
 from relay import logs, one_line, view
-from relay.client import InvalidAnswer, RelayClient, RelayError, SpecFailed, validation_problem
+from relay.client import (DEFAULT_ADDRESS, InvalidAnswer, RelayClient, RelayError, SpecFailed,
+                          validation_problem)
 from relay.models import Phase, Question
 from relay.settings import RelaySettings, load_settings
 
@@ -37,9 +40,9 @@ out = Console(highlight=False)
 err = Console(stderr=True, highlight=False)
 
 Address = Annotated[Optional[str], typer.Option("--address", help="Temporal HOST:PORT "
-                    "(default: RELAY_TEMPORAL_ADDRESS, else the running `relay dev`, else 127.0.0.1:7233)")]
+                    "(default: RELAY_TEMPORAL_ADDRESS, else TEMPORAL_ADDRESS or the temporal.toml "
+                    "profile, else the running `relay dev`, else 127.0.0.1:7233)")]
 AsJson = Annotated[bool, typer.Option("--json", help="Print JSON instead of tables")]
-DEV_FILE = "dev.json"
 TERMINAL = {Phase.completed, Phase.failed, Phase.cancelled}
 
 
@@ -54,19 +57,12 @@ def say(message: str) -> None:
     out.print(Text(message), soft_wrap=True)
 
 
-def settings_for(address: str | None = None) -> RelaySettings:
-    """Settings from the environment; the address of a running `relay dev` when none is set.
-    An invalid RELAY_* value ends the command with `error: invalid setting RELAY_X: ...`."""
+def settings_for() -> RelaySettings:
+    """Settings from the environment. Where Temporal is (--address, RELAY_*, TEMPORAL_*, the
+    running `relay dev`) is decided when connecting, by relay.client.temporal_target, the same
+    for the CLI and the SDK. An invalid RELAY_* value ends the command with
+    `error: invalid setting RELAY_X: ...`."""
     settings = load_settings()
-    if address:
-        settings.temporal_address = address
-    elif "RELAY_TEMPORAL_ADDRESS" not in os.environ:
-        try:  # a stale, unreadable or foreign dev.json is no address at all
-            info = json.loads((settings.data_dir / DEV_FILE).read_text(encoding="utf-8"))
-            os.kill(int(info["pid"]), 0)
-            settings.temporal_address = str(info["address"])
-        except (OSError, ValueError, KeyError, TypeError):
-            pass
     logs.configure(settings.log_format, settings.log_level)
     return settings
 
@@ -80,7 +76,7 @@ def run_async(coro: Any) -> Any:
 
 
 async def _client(address: str | None) -> RelayClient:
-    return await RelayClient.connect(settings_for(address))
+    return await RelayClient.connect(settings_for(), address=address)
 
 
 Workspace = Annotated[Optional[Path], typer.Option(
@@ -98,33 +94,77 @@ def _workspace(path: Path | None, target: str, check: str | None) -> dict[str, A
 
 
 # --- servers -----------------------------------------------------------------------
+#
+# `relay dev` and `relay demo` supervise a dev server and a worker process (worker/dev.py says
+# why the worker is a process of its own). Every way out stops both: Ctrl-C, SIGTERM and a
+# closed terminal (SIGHUP) through the handlers below, a SIGKILL through the children's
+# parent-death signal. What the specs did stays in the data directory.
+
+SIGNAL_NAMES = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM", signal.SIGHUP: "terminal closed"}
 
 
-def _stop_on_signals(stop: asyncio.Event) -> None:
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+class Interrupted(Exception):
+    """The user (or the system) asked relay to stop: a signal, or the end of input at a prompt."""
+
+    def __init__(self, why: str, code: int) -> None:
+        super().__init__(why)
+        self.why, self.code = why, code
 
 
-async def _embedded(settings: RelaySettings, port: int | None, ui_port: int | None, ui: bool,
-                    stop: asyncio.Event, ready: asyncio.Event) -> None:
-    """Dev server + worker (+ scripted model) until `stop` is set; everything stopped after."""
-    from worker.devserver import DevServer
-    from worker.main import run_worker
+class StopSignals:
+    """SIGINT, SIGTERM and SIGHUP turned into an event the running command races against.
 
-    server = DevServer(settings.data_dir / "temporal", port=port or 7233,
-                       ui_port=ui_port or 8233, ui=ui)
-    await server.start()
-    dev_file = settings.data_dir / DEV_FILE
-    dev_file.write_text(json.dumps({"address": server.address, "ui": server.ui_url, "pid": os.getpid()}))
-    settings.temporal_address = server.address
-    err.print(f"Temporal dev server at [bold]{server.address}[/bold]"
-              + (f", Web UI at [bold]{server.ui_url}[/bold]" if server.ui_url else ""))
+    Handled by the event loop, so they arrive while a prompt waits (the prompt is asynchronous)
+    and while children are being stopped (a second Ctrl-C does not cut the cleanup short)."""
+
+    def __init__(self) -> None:
+        self.event = asyncio.Event()
+        self.signum: int | None = None
+        loop = asyncio.get_running_loop()
+        for sig in SIGNAL_NAMES:
+            loop.add_signal_handler(sig, self._set, sig)
+
+    def _set(self, sig: int) -> None:
+        if self.signum is None:
+            self.signum = sig
+        self.event.set()
+
+    def interrupted(self) -> Interrupted:
+        sig = self.signum or signal.SIGTERM
+        return Interrupted(SIGNAL_NAMES.get(sig, f"signal {sig}"), 128 + sig)
+
+    async def race(self, main: Any, *guards: Any) -> Any:
+        """The result of `main`, unless a signal comes first (Interrupted) or a guard (a
+        coroutine that only ever raises, e.g. the worker's death watch) fails first."""
+        task = asyncio.ensure_future(main)
+        others = [asyncio.ensure_future(g) for g in guards]
+        stopped = asyncio.ensure_future(self.event.wait())
+        try:
+            await asyncio.wait([task, stopped, *others], return_when=asyncio.FIRST_COMPLETED)
+            if self.event.is_set():  # checked first: a closed terminal also fails the output
+                raise self.interrupted()
+            for other in others:
+                if other.done():
+                    other.result()
+            return task.result()
+        finally:
+            for t in (task, stopped, *others):
+                t.cancel()
+            await asyncio.gather(task, stopped, *others, return_exceptions=True)
+
+
+def _quietly(show: Any) -> None:
+    """Print what should be said on the way out; a terminal that is gone is no error."""
     try:
-        await run_worker(settings, stop, ready=ready)
-    finally:
-        dev_file.unlink(missing_ok=True)
-        server.stop()
+        show()
+        _flush()
+    except (OSError, ValueError):
+        pass
+
+
+def _announce(stack: Any, ui_hint: bool = True) -> None:
+    err.print(f"Temporal dev server at [bold]{stack.address}[/bold]"
+              + (f", Web UI at [bold]{stack.ui_url}[/bold]" if stack.ui_url and ui_hint else ""))
 
 
 @app.command()
@@ -134,32 +174,44 @@ def dev(port: Annotated[Optional[int], typer.Option(help="Temporal port (default
     """Run the embedded Temporal dev server, a worker and (without an API key) the scripted model."""
     settings = settings_for()
 
-    async def serve() -> None:
-        stop, ready = asyncio.Event(), asyncio.Event()
-        _stop_on_signals(stop)
-        task = asyncio.create_task(_embedded(settings, port, ui_port, not headless, stop, ready))
-        await asyncio.wait([task, asyncio.create_task(ready.wait())], return_when=asyncio.FIRST_COMPLETED)
-        if ready.is_set():
-            err.print("relay worker running; press Ctrl-C to stop everything.")
-        await task
+    async def serve() -> int:
+        from worker.dev import DevStack
 
-    run_async(serve())
+        stop = StopSignals()
+        stack = DevStack(settings, port=port, ui_port=ui_port, ui=not headless)
+        try:
+            await stop.race(stack.start())
+            _announce(stack)
+            err.print("relay worker running; press Ctrl-C to stop everything.")
+            await stop.race(stack.watch())
+        except Interrupted:
+            pass
+        finally:
+            await stack.stop()
+        _quietly(lambda: err.print(f"\nStopped the dev server and the worker. Specs are kept in "
+                                   f"{settings.data_dir}; run relay dev again to resume them."))
+        return 0
+
+    raise typer.Exit(run_async(serve()))
 
 
 @app.command()
 def worker(address: Address = None,
            task_queue: Annotated[Optional[str], typer.Option(help="Task queue (RELAY_TASK_QUEUE)")] = None) -> None:
     """Run a worker against any Temporal server (the production path)."""
-    settings = settings_for(address)
+    settings = settings_for()
     if task_queue:
         settings.task_queue = task_queue
 
     async def serve() -> None:
+        from relay.client import connect_settings
         from worker.main import run_worker
 
         stop = asyncio.Event()
-        _stop_on_signals(stop)
-        await run_worker(settings, stop)  # unreachable Temporal or registry: a RelayError
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+        client = await connect_settings(settings, address)  # relay's order of precedence
+        await run_worker(settings, stop, client=client)  # unreachable registry: a RelayError
 
     run_async(serve())
 
@@ -171,10 +223,18 @@ def demo(auto_answer: Annotated[bool, typer.Option(
          headless: Annotated[bool, typer.Option(help="No Web UI")] = False,
          example: Annotated[str, typer.Option(help="greeting | greeting-fix")] = "greeting",
          workspace: Workspace = None, target: Target = "main", check: Check = None) -> None:
-    """The main job end to end: embedded server + worker + an example spec."""
+    """The main job end to end: embedded server + worker + an example spec.
+
+    Without a terminal to ask on, it needs --auto-answer (it answers and approves by itself) or
+    --keep-running (the server stays up and it prints the commands that answer)."""
     settings = settings_for()
-    if "RELAY_LOG_LEVEL" not in os.environ:  # the demo shows the pipeline, not the worker's log
-        logs.configure(settings.log_format, "warning")
+    terminal = sys.stdin.isatty()
+    if not terminal and not auto_answer and not keep_running:
+        # Refused before anything starts: nothing is left half-done, and the way on is named.
+        fail("relay demo asks its questions on a terminal, and stdin is not one. Run "
+             "`relay demo --auto-answer` to let it answer and approve by itself, or "
+             "`relay demo --keep-running` to keep the server up and answer with `relay answer`.")
+        raise typer.Exit(2)
     try:
         request = view.example_spec(example)
     except ValueError as exc:
@@ -182,27 +242,64 @@ def demo(auto_answer: Annotated[bool, typer.Option(
         raise typer.Exit(1) from None
 
     async def go() -> int:
-        stop, ready = asyncio.Event(), asyncio.Event()
-        _stop_on_signals(stop)
-        embedded = asyncio.create_task(_embedded(settings, None, None, not headless, stop, ready))
-        await asyncio.wait([embedded, asyncio.create_task(ready.wait())],
-                           return_when=asyncio.FIRST_COMPLETED)
-        if embedded.done():
-            embedded.result()
+        from worker.dev import DevStack
+
+        stop = StopSignals()
+        stack = DevStack(settings, ui=not headless, worker_log=settings.data_dir / "worker.log")
+        state = FollowState()
         try:
-            rc = await RelayClient.connect(settings)
-            spec_id = await rc.run(request, workspace=_workspace(workspace, target, check))
-            say(f"Started spec {spec_id} from the example request:\n{request}\n")
-            code = await follow(rc, spec_id, "auto" if auto_answer else "interactive")
+            await stop.race(stack.start())
+            _announce(stack)
+            err.print(f"relay worker running (its log: {stack.worker_log})")
+            rc = RelayClient(stack.client, settings)  # type: ignore[arg-type]
+            state.spec_id = await rc.run(request, workspace=_workspace(workspace, target, check))
+            say(f"Started spec {state.spec_id} from the example request:\n{request}\n")
+            mode = "auto" if auto_answer else ("interactive" if terminal else "print")
+            # the commands it prints need --address only where a bare `relay` would miss it
+            there = None if stack.address == DEFAULT_ADDRESS else stack.address
+            code = await stop.race(follow(rc, state.spec_id, mode, address=there, state=state),
+                                   stack.watch())
             if keep_running:
-                err.print("Still running; press Ctrl-C to stop.")
-                await stop.wait()
+                err.print(f"Still running at {stack.address}; press Ctrl-C to stop.")
+                with contextlib.suppress(Interrupted):  # the expected way to end it
+                    await stop.race(stack.watch())
             return code
+        except Interrupted as exc:
+            state.interrupted = exc
+            return exc.code
         finally:
-            stop.set()
-            await embedded
+            await stack.stop()
+            if state.interrupted is not None or (state.spec_id and state.phase not in TERMINAL):
+                _quietly(lambda: _resume_hint(settings, state))
 
     raise typer.Exit(run_async(go()))
+
+
+def _resume_hint(settings: RelaySettings, state: FollowState) -> None:
+    """After an interrupted demo: what stopped, what is kept, and the commands that go on."""
+    why = f" ({state.interrupted.why})" if state.interrupted else ""
+    err.print()  # after a prompt, or the terminal's echoed ^C
+    err.print(Text(f"Stopped{why}: the dev server and the worker are down.",
+                   style="bold"), soft_wrap=True)
+    if not state.spec_id:
+        return
+    sid = state.spec_id
+    phase = state.phase.value if state.phase else "started"
+    data_dir = "" if "RELAY_DATA_DIR" not in os.environ else f"RELAY_DATA_DIR={settings.data_dir} "
+    if state.phase in TERMINAL:
+        err.print(Text(f"Spec {sid} ended ({phase}); its record is kept in {settings.data_dir}: "
+                       f"{data_dir}relay dev, then relay result {sid}"), soft_wrap=True)
+        return
+    if state.phase == Phase.waiting_for_answers:
+        then = f"relay answer {sid}"
+    elif state.phase == Phase.waiting_for_approval:
+        then = f"relay approve {sid}   (or: relay reject {sid} --reason ...)"
+    else:
+        then = f"relay watch {sid}"
+    err.print(Text(f"Spec {sid} is kept in {settings.data_dir} ({phase}). To resume it, run "
+                   f"`{data_dir}relay dev` in one terminal, then in another:\n"
+                   f"  {data_dir}relay status {sid}\n"
+                   f"  {data_dir}{then}"), soft_wrap=True)
 
 
 # --- specs -------------------------------------------------------------------------------
@@ -263,7 +360,7 @@ def answer(spec_id: str,
         elif answers:
             given = parse_answer_pairs(answers)
         elif sys.stdin.isatty():
-            given = ask(status.pending.questions)
+            given = await ask(status.pending.questions)
         else:
             raise InvalidAnswer("no answers given: use --answer ID=TEXT or --json, or run in a terminal")
         ack = await rc.answer(spec_id, given)
@@ -407,48 +504,80 @@ def history(spec_id: str, role: str, as_json: AsJson = False) -> None:
 # --- following and answering ---------------------------------------------------------------
 
 
-async def follow(rc: RelayClient, spec_id: str, answer_mode: str) -> int:
+@dataclasses.dataclass
+class FollowState:
+    """What a follower has seen so far (for the words said when it is stopped)."""
+
+    spec_id: str | None = None
+    phase: Phase | None = None
+    interrupted: Interrupted | None = None
+
+
+def _commands_suffix(address: str | None) -> str:
+    return f" --address {address}" if address else ""
+
+
+async def follow(rc: RelayClient, spec_id: str, answer_mode: str, *, address: str | None = None,
+                 state: FollowState | None = None) -> int:
     """Print phase changes until the run ends; answer questions per `answer_mode`.
 
-    answer_mode: "interactive" (ask on the terminal), "auto" (scripted answers), "none".
+    answer_mode: "interactive" (ask on the terminal; without one, say how and return),
+    "auto" (scripted answers), "print" (say which command answers, and keep following),
+    "none". `address`: added to the commands it prints, for a server others cannot find alone.
     """
+    state = state or FollowState(spec_id)
+    there = _commands_suffix(address)
     last = None
     answered_round = 0
     asked_approval = False
+    interactive = answer_mode == "interactive" and sys.stdin.isatty()
     while True:
         st = await rc.status(spec_id)
+        state.phase = st.phase
         line = view.progress_line(st)
         if line != last:
-            say(line)
+            out.print(line, soft_wrap=True)  # progress_line is markup, escaped where it must be
             last = line
         if st.phase in TERMINAL:
             break
         if st.pending and st.pending.round > answered_round:
             answered_round = st.pending.round  # each round is handled once
-            if answer_mode == "auto" or (answer_mode == "interactive" and sys.stdin.isatty()):
+            if answer_mode == "auto" or interactive:
                 view.print_questions(out, st.pending.questions)
-                given = (auto_answers(st.pending.questions) if answer_mode == "auto"
-                         else ask(st.pending.questions))
-                try:
-                    await rc.answer(spec_id, given)
-                except InvalidAnswer as exc:
-                    err.print(Text(str(exc), style="yellow"), soft_wrap=True)
-            else:
-                say(f"waiting for answers: run relay answer {spec_id}")
+                if answer_mode == "auto":
+                    await _answer(rc, spec_id, auto_answers(st.pending.questions))
+                else:
+                    say(f"(or answer from another terminal: relay answer {spec_id}{there})")
+                    round_no = st.pending.round
+                    given = await _ask_while(rc, spec_id, ask(st.pending.questions),
+                                             lambda s: s.pending is not None and s.pending.round == round_no)
+                    if given is None:
+                        say("answered elsewhere (another terminal, the Web UI or the SDK)")
+                    else:
+                        await _answer(rc, spec_id, given)
+            elif answer_mode != "none":
+                if answer_mode == "print":
+                    view.print_questions(out, st.pending.questions)
+                say(f"waiting for answers: run relay answer {spec_id}{there}")
                 if answer_mode == "interactive":
                     return 0
         if st.phase == Phase.waiting_for_approval and not asked_approval:
             asked_approval = True
-            interactive = answer_mode == "interactive" and sys.stdin.isatty()
-            if answer_mode == "auto" or interactive:
+            if answer_mode == "auto":
                 say(f"waiting for {st.waiting_for}")
-                if answer_mode == "auto" or Confirm.ask("Approve delivery?", default=True):
-                    await rc.approve(spec_id, reviewer="auto" if answer_mode == "auto" else None)
+                await rc.approve(spec_id, reviewer="auto")
+            elif interactive:
+                say(f"waiting for {st.waiting_for}")
+                say(f"(or from another terminal: relay approve {spec_id}{there})")
+                decided = await _ask_while(rc, spec_id, _decide(),
+                                           lambda s: s.phase == Phase.waiting_for_approval)
+                if decided is None:
+                    say("decided elsewhere (another terminal, the Web UI or the SDK)")
                 else:
-                    await rc.reject(spec_id, Prompt.ask("Reason") or "rejected at the terminal")
-            else:
-                say(f"waiting for approval: run relay approve {spec_id} or relay reject {spec_id} "
-                    "--reason ...")
+                    await _deliver(rc, spec_id, decided)
+            elif answer_mode != "none":
+                say(f"waiting for approval: run relay approve {spec_id}{there} or "
+                    f"relay reject {spec_id}{there} --reason ...")
                 if answer_mode == "interactive":
                     return 0
         await asyncio.sleep(0.25)
@@ -460,16 +589,106 @@ async def follow(rc: RelayClient, spec_id: str, answer_mode: str) -> int:
         return 1
 
 
+async def _answer(rc: RelayClient, spec_id: str, given: dict[str, str]) -> None:
+    try:
+        await rc.answer(spec_id, given)
+    except InvalidAnswer as exc:  # e.g. answered from elsewhere a moment before
+        err.print(Text(str(exc), style="yellow"), soft_wrap=True)
+
+
+async def _decide() -> tuple[bool, str | None]:
+    if await confirm("Approve delivery?", default=True):
+        return True, None
+    return False, (await read_line("Reason: ")).strip() or "rejected at the terminal"
+
+
+async def _deliver(rc: RelayClient, spec_id: str, decided: tuple[bool, str | None]) -> None:
+    approved, reason = decided
+    try:
+        if approved:
+            await rc.approve(spec_id)
+        else:
+            await rc.reject(spec_id, reason or "rejected at the terminal")
+    except RelayError as exc:  # decided from elsewhere a moment before
+        err.print(Text(str(exc), style="yellow"), soft_wrap=True)
+
+
+async def _ask_while(rc: RelayClient, spec_id: str, asking: Any, still_waiting: Any) -> Any:
+    """Run the prompt `asking` while the spec still waits for it; None when another terminal
+    (the CLI, the Web UI, the SDK) has answered meanwhile and the prompt was withdrawn."""
+    task = asyncio.ensure_future(asking)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=0.5)
+            if done:
+                return task.result()
+            if not still_waiting(await rc.status(spec_id)):
+                _drop_typed_input()
+                out.print()  # end the withdrawn prompt's line
+                return None
+    finally:
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+
+def _drop_typed_input() -> None:
+    """Forget a half-typed answer to a withdrawn prompt, so the next prompt starts clean."""
+    try:
+        import termios
+
+        termios.tcflush(sys.stdin.fileno(), termios.TCIFLUSH)
+    except (ImportError, OSError, ValueError):
+        pass
+
+
+async def read_line(prompt: str) -> str:
+    """One line typed at the terminal, read without blocking the event loop.
+
+    The terminal is in canonical mode, so it is readable once a whole line (or end of input)
+    is there; meanwhile the loop keeps handling signals (Ctrl-C at a prompt stops relay) and
+    other tasks, and the prompt can be withdrawn (cancelled). End of input: Interrupted."""
+    out.print(prompt, end="")
+    _flush()
+    loop = asyncio.get_running_loop()
+    fd = sys.stdin.fileno()
+    readable = loop.create_future()
+    loop.add_reader(fd, lambda: readable.done() or readable.set_result(None))
+    try:
+        await readable
+    finally:
+        loop.remove_reader(fd)
+    try:
+        data = os.read(fd, 65536)
+    except OSError:  # the terminal is gone
+        data = b""
+    if not data:
+        out.print()
+        raise Interrupted("end of input", 1)
+    return data.decode("utf-8", errors="replace").rstrip("\r\n")
+
+
+async def confirm(prompt: str, *, default: bool) -> bool:
+    choices = "[Y/n]" if default else "[y/N]"
+    while True:
+        reply = (await read_line(f"{prompt} [bold]{choices}[/bold] ")).strip().lower()
+        if not reply:
+            return default
+        if reply in {"y", "yes", "n", "no"}:
+            return reply.startswith("y")
+        out.print("[yellow]Please answer y or n.[/yellow]")
+
+
 def auto_answers(questions: list[Question]) -> dict[str, str]:
     return {q.id: f"(auto-answer) use your best judgement for: {q.text}" for q in questions}
 
 
-def ask(questions: list[Question]) -> dict[str, str]:
+async def ask(questions: list[Question]) -> dict[str, str]:
     given = {}
     for q in questions:
         text = ""
         while not text.strip():
-            text = Prompt.ask(f"[bold]{q.id}[/bold] {q.text}")
+            text = await read_line(f"[bold]{escape(q.id)}[/bold] {escape(q.text)}: ")
         given[q.id] = text
     return given
 
@@ -537,6 +756,9 @@ def run_cli(argv: Sequence[str] | None = None) -> int:
     except Abort:
         fail("aborted")
         return 1
+    except Interrupted as exc:
+        fail(f"interrupted ({exc.why})")
+        return exc.code
     except (KeyboardInterrupt, asyncio.CancelledError):
         fail("interrupted")
         return 130

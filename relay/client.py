@@ -8,8 +8,12 @@ cause surfaces as a RelayError subclass with a one-line message.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import functools
 import inspect
+import json
+import os
 import subprocess
 import uuid
 from collections.abc import Callable, Mapping
@@ -33,6 +37,8 @@ from temporalio.client import (
     WorkflowUpdateFailedError,
 )
 from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
+from temporalio.envconfig import ClientConfig
+from temporalio.service import TLSConfig
 from relay.converter import data_converter as pydantic_data_converter
 from temporalio.exceptions import TemporalError, WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
@@ -193,22 +199,196 @@ def check_spec_ref(spec_id: str) -> str:
     return spec_id
 
 
-async def connect_temporal(address: str, namespace: str = "default") -> Client:
+# --- reaching Temporal ----------------------------------------------------------------------
+#
+# Where relay finds Temporal, first match wins (the same for the CLI, the SDK and `relay worker`):
+#   1. an explicit address: `--address`, `RelayClient.connect(address=...)`, a RelaySettings built
+#      with `temporal_address=...`;
+#   2. RELAY_TEMPORAL_ADDRESS (and RELAY_NAMESPACE);
+#   3. Temporal's own client configuration (temporalio.envconfig): TEMPORAL_ADDRESS,
+#      TEMPORAL_NAMESPACE, TEMPORAL_API_KEY, TEMPORAL_TLS*, the temporal.toml profile named by
+#      TEMPORAL_PROFILE in TEMPORAL_CONFIG_FILE (or the default location);
+#   4. the `relay dev` running for this data directory (its dev.json);
+#   5. 127.0.0.1:7233.
+# The namespace follows the same order (RELAY_NAMESPACE > TEMPORAL_NAMESPACE > "default"). API key,
+# TLS and gRPC metadata come only from Temporal's configuration, and are not applied to a running
+# `relay dev`: that is a local plaintext server that knows nothing of them.
+
+DEV_FILE = "dev.json"
+DEFAULT_ADDRESS = "127.0.0.1:7233"
+# A server that accepts the TCP connection but never answers would hold the SDK's own connect for
+# about 30 s (its get_system_info call); relay's probe gives up sooner, in Python.
+PROBE_TIMEOUT_S = 5.0
+_H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+_H2_SETTINGS = 0x4
+
+
+def dev_file(data_dir: Path) -> Path:
+    return Path(data_dir) / DEV_FILE
+
+
+def write_dev_file(data_dir: Path, **info: Any) -> Path:
+    """What `relay dev` (and the demo) publish so that other processes find them."""
+    path = dev_file(data_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(info), encoding="utf-8")
+    tmp.replace(path)  # readers never see half a file
+    return path
+
+
+def running_dev(data_dir: Path) -> dict[str, Any] | None:
+    """The `relay dev` serving `data_dir` (address, ui, pids), or None. A stale file (its process
+    is gone), an unreadable or a foreign one is no server at all."""
+    try:
+        info = json.loads(dev_file(data_dir).read_text(encoding="utf-8"))
+        os.kill(int(info["pid"]), 0)
+        if not isinstance(info["address"], str) or not info["address"]:
+            return None
+        return info
+    except PermissionError:  # alive, but another user's process: not ours to use
+        return None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+@dataclasses.dataclass(frozen=True)
+class TemporalTarget:
+    """Where and how to connect, and why there (for error messages)."""
+
+    address: str
+    namespace: str = "default"
+    source: str = "default"
+    api_key: str | None = dataclasses.field(default=None, repr=False)
+    tls: bool | TLSConfig = False
+    rpc_metadata: Mapping[str, str] = dataclasses.field(default_factory=dict)
+
+    @property
+    def hint(self) -> str:
+        if self.source == "default":
+            return ("; no `relay dev` is running for this data directory: start one with "
+                    "`relay dev`, or set --address, RELAY_TEMPORAL_ADDRESS or TEMPORAL_ADDRESS")
+        if self.source.startswith("relay dev"):
+            return f"; the {self.source} does not answer: restart it"
+        if self.source == "--address":
+            return ""
+        return f" (from {self.source})"
+
+
+def temporal_config(env: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Temporal's own client configuration (env and temporal.toml), as Client.connect arguments."""
+    try:
+        return dict(ClientConfig.load_client_connect_config(override_env_vars=env))
+    except Exception as exc:  # the bridge's ConfigError: a bad file, an unknown profile
+        raise InvalidSettings(f"invalid Temporal client configuration (TEMPORAL_* or "
+                              f"temporal.toml): {one_line(exc)}") from None
+
+
+def temporal_target(settings: RelaySettings, address: str | None = None) -> TemporalTarget:
+    """Resolve where to connect, in the order written above."""
+    address = check_text(address, "the Temporal address", optional=True)
+    explicit = settings.model_fields_set  # RELAY_* values and constructor arguments
+    config = temporal_config()
+    if "namespace" in explicit:
+        namespace = settings.namespace
+    else:
+        namespace = config.get("namespace") or settings.namespace
+    auth = {"api_key": config.get("api_key"), "tls": config.get("tls", False),
+            "rpc_metadata": config.get("rpc_metadata") or {}}
+    if address:
+        return TemporalTarget(address, namespace, "--address", **auth)
+    if "temporal_address" in explicit:
+        return TemporalTarget(settings.temporal_address, namespace,
+                              "RELAY_TEMPORAL_ADDRESS or the settings", **auth)
+    if config.get("target_host"):
+        return TemporalTarget(config["target_host"], namespace,
+                              "Temporal's client configuration (TEMPORAL_ADDRESS or temporal.toml)",
+                              **auth)
+    if dev := running_dev(settings.data_dir):
+        return TemporalTarget(dev["address"], namespace,
+                              f"relay dev for {settings.data_dir} (pid {dev['pid']})")
+    return TemporalTarget(settings.temporal_address or DEFAULT_ADDRESS, namespace, "default", **auth)
+
+
+def _host_port(address: str) -> tuple[str, int] | None:
+    """HOST:PORT or [V6]:PORT; None for anything else (the SDK then says what is wrong)."""
+    host, sep, port = address.strip().rpartition(":")
+    if not sep or not host or not port.isdigit():
+        return None
+    return host.strip("[]"), int(port)
+
+
+async def _probe(address: str, tls: bool) -> str | None:
+    """Why nothing Temporal-like answers at `address`, or None when something might.
+
+    Checked in Python before the SDK connects: a refused or silent port then fails in well under
+    a second, and the SDK's native connect never runs for it. A native connect that is abandoned
+    (timed out) or that fails just before the interpreter exits can crash the process at exit
+    (temporalio/sdk-python#300: a pyo3 panic or `Fatal Python error`, exit code 134)."""
+    parsed = None if "://" in address else _host_port(address)  # URLs: the SDK's to parse
+    if parsed is None:
+        return None
+    host, port = parsed
+    if not 0 < port < 65536:
+        return f"port {port} is out of range"
+    try:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), CONNECT_TIMEOUT_S)
+    except asyncio.TimeoutError:
+        return f"no answer within {CONNECT_TIMEOUT_S:g}s"
+    except OSError as exc:  # asyncio words it "Connect call failed (...)"; the errno says why
+        return os.strerror(exc.errno) if exc.errno else one_line(exc) or type(exc).__name__
+    try:
+        if tls:  # TLS must be negotiated first; the SDK does that and reports what fails
+            return None
+        writer.write(_H2_PREFACE)  # a gRPC server answers the HTTP/2 preface with SETTINGS
+        await writer.drain()
+        frame = await asyncio.wait_for(reader.readexactly(9), PROBE_TIMEOUT_S)
+        return None if frame[3] == _H2_SETTINGS else "it does not speak gRPC (not a Temporal server?)"
+    except asyncio.TimeoutError:
+        return (f"it accepts connections but does not answer within {PROBE_TIMEOUT_S:g}s "
+                "(not a Temporal server?)")
+    except (OSError, asyncio.IncompleteReadError):
+        return "it closed the connection (not a Temporal server?)"
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+
+
+async def connect_temporal(address: str | TemporalTarget, namespace: str = "default") -> Client:
     """A Temporal client with relay's data converter, or TemporalUnreachable in one line.
 
+    `address` is HOST:PORT (plaintext, no credentials) or a resolved TemporalTarget.
     The core's own payload-size warning is off: relay refuses oversized payloads itself
     (check_payload), and the warning would break the CLI's one-line output."""
-    check_text(address, "the Temporal address")
-    check_text(namespace, "the Temporal namespace")
+    target = address if isinstance(address, TemporalTarget) else TemporalTarget(
+        check_text(address, "the Temporal address"), check_text(namespace, "the Temporal namespace"),
+        source="--address")
+    shown = one_line(target.address, 200)
+    if problem := await _probe(target.address, bool(target.tls)):
+        raise TemporalUnreachable(f"cannot reach Temporal at {shown}: {problem}{target.hint}")
     try:
+        # The outer bound is above the SDK's own (connect_timeout, then ~30 s for its first call),
+        # so the native connect always finishes before we give up on it: see _probe.
         return await asyncio.wait_for(
-            Client.connect(address, namespace=namespace, data_converter=pydantic_data_converter,
+            Client.connect(target.address, namespace=target.namespace, api_key=target.api_key,
+                           tls=target.tls, rpc_metadata=dict(target.rpc_metadata),
+                           data_converter=pydantic_data_converter,
                            connect_timeout=timedelta(seconds=CONNECT_TIMEOUT_S),
                            payload_limits=PayloadLimitsConfig(payloads_warn_size=0)),
-            timeout=CONNECT_TIMEOUT_S + 5)
+            timeout=CONNECT_TIMEOUT_S + 40)
     except (RuntimeError, OSError, ValueError, asyncio.TimeoutError, RPCError) as exc:
-        raise TemporalUnreachable(f"cannot reach Temporal at {one_line(address, 200)}: "
-                                  f"{one_line(exc) or 'timed out'}") from None
+        # The native task that failed still drops its Python references on its own thread;
+        # an interpreter that starts finalizing meanwhile can abort (sdk-python#300). Nothing
+        # signals when it is done, so give it a moment before the error can end the program.
+        await asyncio.sleep(0.1)
+        raise TemporalUnreachable(f"cannot reach Temporal at {shown}: "
+                                  f"{one_line(exc) or 'timed out'}{target.hint}") from None
+
+
+async def connect_settings(settings: RelaySettings, address: str | None = None) -> Client:
+    """Connect where `settings` (and an explicit `address`) say, in relay's order of precedence."""
+    return await connect_temporal(temporal_target(settings, address))
 
 
 def open_registry(url: str, *, must_exist: bool = False) -> Registry:
@@ -318,8 +498,7 @@ class RelayClient:
         if settings is not None and not isinstance(settings, RelaySettings):
             raise InvalidSettings(f"settings must be RelaySettings, not {type(settings).__name__}")
         settings = settings or load_settings()
-        address = check_text(address, "the Temporal address", optional=True)
-        client = await connect_temporal(address or settings.temporal_address, settings.namespace)
+        client = await connect_settings(settings, address)
         return cls(client, settings)
 
     @property
@@ -630,6 +809,10 @@ def _rpc_error(exc: RPCError, spec_id: str | None) -> RelayError:
     if _too_large(exc):
         return PayloadTooLarge(f"Temporal refused {spec}: the payload is too large "
                                f"({one_line(exc.message)})")
+    if exc.status == RPCStatusCode.NOT_FOUND and exc.message.lower().startswith("namespace "):
+        # e.g. TEMPORAL_NAMESPACE names one this server lacks: not an unknown spec
+        return InvalidSettings(f"Temporal: {one_line(exc.message)} (check RELAY_NAMESPACE, "
+                               "TEMPORAL_NAMESPACE or the temporal.toml profile)")
     if exc.status == RPCStatusCode.NOT_FOUND:
         if "already completed" in exc.message or "closed" in exc.message:
             return SpecNotRunning(f"{spec} is not running any more")
