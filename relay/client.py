@@ -696,8 +696,28 @@ class RelayClient:
     @relay_errors
     async def status(self, spec_id: str) -> Status:
         check_spec_ref(spec_id)
+        st = await self._status_of(spec_id)
+        if st.stray_run and (real := await self._real_run(spec_id)) is not None:
+            # a run started outside relay on this id was refused: the spec is its last real run
+            shown = await self._status_of(spec_id, real)
+            shown.stray_run = f"a run started outside relay on this spec id failed ({st.stray_run})"
+            return shown
+        return st
+
+    async def _real_run(self, spec_id: str) -> str | None:
+        """The spec's last real run when the newest run of its id is another (a stray one)."""
         try:
-            return await self._handle(spec_id).query(
+            spec = await asyncio.wait_for(asyncio.to_thread(self.registry.spec, spec_id), 5)
+            newest = (await self._describe(spec_id)).run_id
+        except Exception:  # noqa: BLE001  (no registry: show what Temporal has)
+            return None
+        if spec is None or spec.last_run_id == newest:
+            return None
+        return spec.last_run_id
+
+    async def _status_of(self, spec_id: str, run_id: str | None = None) -> Status:
+        try:
+            return await self._handle(spec_id, run_id).query(
                 "status", result_type=Status, rpc_timeout=timedelta(seconds=20))
         except RPCError as exc:
             raise _rpc_error(exc, spec_id) from None
@@ -737,10 +757,20 @@ class RelayClient:
             return await self._handle(spec_id).result()
         except WorkflowFailureError as exc:
             cause = exc.cause
+            if getattr(cause, "type", None) == "SpecConflict" and (
+                    real := await self._real_run(spec_id)) is not None:
+                return await self._result_of(spec_id, real)
             reason = getattr(cause, "message", None) or str(cause)
             raise SpecFailed(f"spec {spec_id} {_status_word(cause)}: {one_line(reason)}") from None
         except RPCError as exc:
             raise _rpc_error(exc, spec_id) from None
+
+    async def _result_of(self, spec_id: str, run_id: str) -> PipelineResult:
+        try:
+            return await self._handle(spec_id, run_id).result()
+        except WorkflowFailureError as exc:
+            reason = getattr(exc.cause, "message", None) or str(exc.cause)
+            raise SpecFailed(f"spec {spec_id} {_status_word(exc.cause)}: {one_line(reason)}") from None
 
     @relay_errors
     def sessions(self, spec_id: str) -> list[AgentSession]:

@@ -443,6 +443,9 @@ class Status(BaseModel):
     delivery: dict[str, Any] | None = None
     validated_commit: str | None = Field(
         default=None, description="the commit the validator checked; delivery merges exactly it")
+    stray_run: str | None = Field(
+        default=None, description="a run started on this spec id outside relay (raw CLI, Web UI) "
+                                  "that was refused without touching the spec, and why")
 
 
 class PipelineResult(BaseModel):

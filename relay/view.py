@@ -39,9 +39,23 @@ def model_label(models: list[str] | str | None) -> str:
     return f"{label} ({SCRIPTED_NOTE})" if any(is_scripted(m) for m in names) else label
 
 
+def cache_read_share(input_tokens: int, cache_read: int, cache_write: int) -> float | None:
+    """The share of all input tokens that were read from the prompt cache: the API bills
+    input as three disjoint parts (plain input, cache reads, cache writes). None: no input."""
+    whole = input_tokens + cache_read + cache_write
+    return cache_read / whole if whole else None
+
+
+def share_text(share: float | None) -> str:
+    return "-" if share is None else f"{share:.0%}"
+
+
 def usage_text(u: TokenUsage) -> str:
+    share = cache_read_share(u.input_tokens, u.cache_read_input_tokens,
+                             u.cache_creation_input_tokens)
     return (f"in {u.input_tokens:,} · out {u.output_tokens:,} · cache read "
-            f"{u.cache_read_input_tokens:,} · cache write {u.cache_creation_input_tokens:,}")
+            f"{u.cache_read_input_tokens:,} · cache write {u.cache_creation_input_tokens:,}"
+            f" · {share_text(share)} of input from cache")
 
 
 def progress_line(st: Status) -> str:
@@ -87,6 +101,8 @@ def print_status(console: Console, st: Status, registry_problem: str | None = No
             console.print(Text(f"{label}: " + "; ".join(items)), soft_wrap=True)
     if st.error:
         console.print(Text(f"error: {st.error}", style="red"), soft_wrap=True)
+    if st.stray_run:
+        console.print(Text(f"note: {st.stray_run}", style="yellow"), soft_wrap=True)
     if registry_problem:  # one line: the sessions above are Temporal's; history needs the registry
         console.print(Text(f"registry unreachable: {' '.join(registry_problem.split())}",
                            style="yellow"), soft_wrap=True)
@@ -128,14 +144,22 @@ def print_result(console: Console, res: PipelineResult) -> None:
 
 
 def print_sessions(console: Console, rows: list[AgentSession]) -> None:
-    table = Table("name", "session id", "state", "turns", "tokens in/out", "cache r/w", "model")
+    table = Table("name", "session id", "state", "turns", "tokens in/out", "cache r/w",
+                  "cached", "model")
     for column in table.columns[:2]:
         column.no_wrap = True
     for s in rows:
         table.add_row(s.name, s.id, s.status, str(s.turns),
                       f"{s.input_tokens:,}/{s.output_tokens:,}",
-                      f"{s.cache_read_tokens:,}/{s.cache_write_tokens:,}", s.model or "-")
+                      f"{s.cache_read_tokens:,}/{s.cache_write_tokens:,}",
+                      share_text(cache_read_share(s.input_tokens, s.cache_read_tokens,
+                                                  s.cache_write_tokens)), s.model or "-")
     console.print(table)
+    read, whole = (sum(s.cache_read_tokens for s in rows),
+                   sum(s.input_tokens + s.cache_read_tokens + s.cache_write_tokens for s in rows))
+    if whole:  # "cached": the share of a session's input tokens read from the prompt cache
+        console.print(Text(f"cached: {share_text(read / whole)} of all input tokens were read "
+                           f"from the prompt cache ({read:,} of {whole:,})"), soft_wrap=True)
     if any(is_scripted(s.model) for s in rows):
         console.print(SCRIPTED_NOTE)
     versions = sorted({s.prompt_version for s in rows if s.prompt_version})

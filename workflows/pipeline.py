@@ -145,7 +145,8 @@ class SpecPipeline:
             self._status.error += (f"; {len(self._status.needs_human)} compensation(s) need a "
                                    f"human: run 'relay compensate {self._status.spec_id}'")
         await self._close(Phase.failed, session_state="idle", spec_status="failed")
-        raise ApplicationError(self._status.error, type="SpecFailed", non_retryable=True)
+        raise ApplicationError(self._status.error, non_retryable=True,
+                               type="SpecConflict" if self._status.stray_run else "SpecFailed")
 
     def _check_request(self, request: str) -> None:
         if problem := spec_id_problem(self._status.spec_id):
@@ -166,6 +167,11 @@ class SpecPipeline:
                                            workspace=inp.workspace),
                 result_type=OpenSpecResult, summary="open spec in registry", **BOOKKEEPING)
         except ActivityError as err:
+            if isinstance(err.cause, ApplicationError) and err.cause.type == "SpecConflict":
+                # started outside relay on an id it already knows: this run changed nothing,
+                # and `relay status`/`result` keep showing the spec's last real run
+                self._status.stray_run = (
+                    f"run {info.run_id} was refused: {_reason(err)}")
             raise SpecFailed(_reason(err)) from None
         self._opened = True
         self._status.iteration = opened.iteration
