@@ -13,6 +13,16 @@ JSON body is cut short); and answers a real model may give (`slow`,
 `invalid_output`, `max_tokens`: cut at max_tokens with incomplete tool input,
 `refusal`, `text_only`: text and no tool call).
 
+It answers as relay's roles would, reading relay's own prompts back: the
+clarified spec restates the request and the answers, the plan names the files
+the constructor will write, and a request other than its example (a greeting
+module) is told plainly that only the example can be built and that
+`ANTHROPIC_API_KEY` gives real work. Same request, same bytes.
+
+Usage counts prompt caching as the Messages API does (see PromptCache): cache
+breakpoints, prefix matches, TTLs, and the split into cache reads, cache writes
+and plain input tokens.
+
 Run alone with `python -m relay.scripted_model --port 8765`.
 """
 
@@ -20,6 +30,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
+import hashlib
 import itertools
 import json
 import re
@@ -27,13 +39,15 @@ import socket
 import struct
 import threading
 import time
+from collections.abc import Callable, Collection
+from dataclasses import dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Literal
 
 from pydantic import BaseModel, ValidationError
 
-from relay import scripted_workspace
+from relay import prompts, scripted_workspace
 from relay.models import OUTPUT_TOOLS, ROLE_BY_TOOL, SCRIPTED_MODEL_PREFIX, Role
 
 FaultKind = Literal["rate_limit", "overloaded", "server_error", "auth_error", "error", "slow",
@@ -86,6 +100,12 @@ class RecordedRequest(BaseModel):
 
 
 # --- role behaviour ----------------------------------------------------------
+#
+# The scripted model reads relay's own prompts back: each user text is matched against the
+# role's prompt templates (relay/prompts), so it knows the request, the answers and the
+# iteration instead of echoing whatever text came last. A text no template matches (a
+# client talking to it directly) is the request when it comes first, and an answer or a
+# request to revise when it comes later.
 
 
 def _text(content: Any) -> str:
@@ -115,48 +135,189 @@ def slug(text: str, default: str = "change") -> str:
 
 
 KEEP_ASKING = "[keep-asking]"  # a request carrying this marker makes the clarifier never finish
+REJECT_ONCE = "[reject-once]"  # a request carrying this marker makes the validator reject once
+API_KEY_HINT = "Set ANTHROPIC_API_KEY to have a real model do this work."
+NO_TEST_FINDING = "The plan has no step that verifies the result with a test."
 
 
-def _clarifier(original: str, newest: str, prior: int) -> dict:
-    if KEEP_ASKING in original:
-        return {"questions": [{"id": f"q{2 * prior + 1}", "text": f"Question {2 * prior + 1}?"},
-                              {"id": f"q{2 * prior + 2}", "text": f"Question {2 * prior + 2}?"}]}
-    if prior == 0:
+def is_example(request: str) -> bool:
+    """Whether `request` asks for the one thing the scripted model can build: its greeting
+    module (relay/examples/greeting.md and greeting-fix.md). A plain, deterministic rule: the
+    request mentions greeting."""
+    return "greet" in request.lower()
+
+
+@functools.lru_cache(maxsize=None)
+def _templates(role: Role) -> tuple[tuple[str, re.Pattern[str]], ...]:
+    """Each prompt kind of `role` as a regex whose named groups are the template's variables."""
+    compiled = []
+    for kind, template in prompts.load(role).templates.items():
+        regex, seen = [], set()
+        for i, part in enumerate(re.split(r"\$(\w+)", template)):  # literal, name, literal, ...
+            if i % 2 == 0:
+                regex.append(re.escape(part))
+            else:
+                regex.append(f"(?P={part})" if part in seen else f"(?P<{part}>.*?)")
+                seen.add(part)
+        compiled.append((kind, re.compile("".join(regex), re.DOTALL)))
+    return tuple(compiled)
+
+
+@dataclass(frozen=True)
+class Said:
+    """One user text of the conversation: the prompt kind relay rendered it from (None for
+    other text), that prompt's variables, and the text itself."""
+
+    kind: str | None
+    fields: dict[str, str]
+    text: str
+
+
+def _parse(role: Role, text: str) -> Said:
+    for kind, pattern in _templates(role):
+        if match := pattern.fullmatch(text):
+            return Said(kind, match.groupdict(), text)
+    return Said(None, {}, text)
+
+
+@dataclass(frozen=True)
+class Conversation:
+    """A role's conversation as the scripted model reads it."""
+
+    role: Role
+    said: tuple[Said, ...]  # the user's texts, oldest first (never empty)
+    prior: int  # results the role gave earlier in the conversation
+    workspace: bool  # tools are offered and the request did not say [no-tools]
+
+    @property
+    def original(self) -> str:
+        return self.said[0].text
+
+    def request(self) -> str:
+        """The spec's original request: the clarifier's first prompt holds it; the other roles
+        find it in the clarified spec (the scripted clarifier's restates it; any other spec
+        stands for itself)."""
+        first = self.said[0]
+        if "request" in first.fields:
+            return first.fields["request"]
+        if "spec" in first.fields:
+            found = re.search(r"^Request: (.*?)(?:\n\n|\Z)", first.fields["spec"], re.M | re.S)
+            return found.group(1) if found else first.fields["spec"]
+        return first.text
+
+    def files(self) -> list[str]:
+        """What the constructor writes (see scripted_workspace): the greeting module and its
+        tests in a workspace, a stub module named after the request without one."""
+        if self.workspace:
+            return list(scripted_workspace.EXAMPLE_FILES)
+        return [f"relay_output/{slug(self.request())}.py"]
+
+    def example(self) -> str:
+        """The scripted model's example module, in words."""
+        if self.workspace:
+            return scripted_workspace.EXAMPLE
+        return f"{self.files()[0]}, a stub whose describe() returns '{slug(self.request())}'"
+
+
+def _limitation(conv: Conversation) -> str:
+    return (f"relay's scripted model is answering, not a real model: it can only build its "
+            f"example module ({conv.example()}), not what this request asks, so the change will "
+            f"be that module. {API_KEY_HINT}")
+
+
+def _later_changes_note() -> str:
+    return ("The scripted model cannot make the changes asked since: each iteration it writes "
+            f"its example module again and adds a change note under changes/. {API_KEY_HINT}")
+
+
+def _clarifier(conv: Conversation) -> dict:
+    if KEEP_ASKING in conv.original:
+        n = 2 * conv.prior
+        return {"questions": [{"id": f"q{n + 1}", "text": f"Question {n + 1}?"},
+                              {"id": f"q{n + 2}", "text": f"Question {n + 2}?"}]}
+    if conv.prior == 0:
         return {"questions": [{"id": "q1", "text": "Who will use the result, and how?"},
                               {"id": "q2", "text": "What must be true for this to count as done?"}]}
-    return {"clarified_spec": f"Clarified spec (scripted model)\n"
-                              f"Request: {original}\nLatest input: {newest}"}
+    return {"clarified_spec": _clarified_spec(conv)}
 
 
-def _planner(original: str, newest: str, prior: int) -> dict:
-    summary = f"Plan for {slug(newest)}" + (f" (revision number {prior})" if prior else "")
-    steps = [f"Read the request '{slug(newest)}'", f"Write relay_output/{slug(original)}.py",
-             "Review the module"]
-    if prior:
-        steps.append("Add a test that verifies the result and run it")
+def _clarified_spec(conv: Conversation) -> str:
+    """The request and every answer and change request, restated from the conversation."""
+    answers, changes = [], []
+    for said in conv.said[1:]:
+        if said.kind == "answers":
+            answers.append(said.fields["answers"])
+        elif said.kind == "iterate":
+            changes.append(f"- iteration {said.fields['iteration']}: {said.fields['request']}")
+        elif said.kind is None:
+            answers.append(said.text)
+    parts = ["Clarified spec (scripted model)", f"Request: {conv.request()}",
+             "Answers:\n" + "\n".join(answers) if answers else "Answers: none were given."]
+    if changes:
+        parts.append("Changes asked since:\n" + "\n".join(changes))
+    if not is_example(conv.request()):
+        parts.append(f"Scope: {_limitation(conv)}")
+    else:
+        parts.append(f"Scope: the scripted model's example module, {conv.example()}.")
+        if changes:
+            parts.append(_later_changes_note())
+    return "\n\n".join(parts)
+
+
+def _planner(conv: Conversation) -> dict:
+    kinds = [s.kind for s in conv.said]
+    newest_plan = max((i for i, k in enumerate(kinds) if k == "plan"), default=0)
+    iteration = conv.said[newest_plan].fields.get("iteration", "1")
+    revision = sum(1 for k in kinds[newest_plan + 1:] if k in ("revise", None))
+    files = conv.files()
+    if not conv.workspace:
+        name = slug(conv.request())
+        summary = f"Build {files[0]} (scripted model)"
+        steps = ["Take the module's name from the request",
+                 f"Write {files[0]}: a module whose describe() returns '{name}'",
+                 f"Review {files[0]}"]
+        verify = f"Verify the result: import {files[0]} and check that describe() returns '{name}'"
+    elif iteration == "1":
+        summary = f"Build {' and '.join(files)} (scripted model)"
+        steps = ["List the workspace's files",
+                 "Write greeting.py: greet(name, lang) in English, Spanish and French",
+                 "Write test_greeting.py: one unittest case per language"]
+        verify = "Verify the result with a test: run python -m unittest and fix any failure"
+    else:
+        summary = (f"Iteration {iteration}: write greeting.py again and note the change under "
+                   f"changes/ (scripted model)")
+        steps = ["Read greeting.py as the last iteration left it",
+                 "Write greeting.py: greet(name, lang) in English, Spanish and French",
+                 f"Write a change note under changes/ for the request of iteration {iteration}"]
+        verify = "Verify the result with a test: run python -m unittest and fix any failure"
+    if conv.prior:  # the auditor asked for it once; later plans keep it
+        steps.append(verify)
+    if revision:
+        summary += f", revision number {revision}: adds a step that verifies the result"
+    summary += "."
+    if not is_example(conv.request()):
+        summary += " " + _limitation(conv)
+    elif iteration != "1":
+        summary += " " + _later_changes_note()
     return {"summary": summary, "steps": steps}
 
 
-def _auditor(original: str, newest: str, prior: int) -> dict:
-    if prior == 0:
-        return {"approved": False,
-                "findings": ["The plan has no step that verifies the result with a test."]}
+def _auditor(conv: Conversation) -> dict:
+    if conv.prior == 0:  # the first plan has no verification step (see _planner)
+        return {"approved": False, "findings": [NO_TEST_FINDING]}
     return {"approved": True, "findings": []}
 
 
-def _constructor(original: str, newest: str, prior: int) -> dict:
-    name = slug(original)
+def _constructor(conv: Conversation) -> dict:
+    name = slug(conv.request())
     content = (f'"""Scripted change for: {name}."""\n\n\ndef describe() -> str:\n'
                f'    """Return the name of this change."""\n    return "{name}"\n')
     return {"summary": f"Add relay_output/{name}.py",
             "files": [{"path": f"relay_output/{name}.py", "content": content}]}
 
 
-REJECT_ONCE = "[reject-once]"  # a request carrying this marker makes the validator reject once
-
-
-def _validator(original: str, newest: str, prior: int) -> dict:
-    if prior == 0 and REJECT_ONCE in original:
+def _validator(conv: Conversation) -> dict:
+    if conv.prior == 0 and REJECT_ONCE in conv.original:
         return {"approved": False, "failures": ["The module has no test (scripted rejection)."]}
     return {"approved": True, "failures": []}
 
@@ -165,13 +326,19 @@ ROLE_ANSWERS = {Role.clarifier: _clarifier, Role.planner: _planner, Role.auditor
                 Role.constructor: _constructor, Role.validator: _validator}
 
 
-def role_output(role: Role, messages: Any) -> dict:
-    """The forced tool's input for `role`, given the request's `messages` history."""
+def conversation(role: Role, messages: Any, tools: Collection[str] = ()) -> Conversation:
+    """How the scripted model reads `messages`, offered the workspace `tools`."""
     messages = [m for m in messages if isinstance(m, dict)] if isinstance(messages, list) else []
     texts = [t for t in (_said(m.get("content")) for m in messages if m.get("role") == "user") if t]
-    texts = texts or [""]
+    said = tuple(_parse(role, t) for t in texts or [""])
     prior = sum(1 for m in messages if m.get("role") == "assistant" and _calls_output(role, m))
-    return ROLE_ANSWERS[role](texts[0], texts[-1], prior)
+    workspace = bool(tools) and scripted_workspace.NO_TOOLS not in said[0].text
+    return Conversation(role=role, said=said, prior=prior, workspace=workspace)
+
+
+def role_output(role: Role, messages: Any, tools: Collection[str] = ()) -> dict:
+    """The forced tool's input for `role`, given the request's `messages` history."""
+    return ROLE_ANSWERS[role](conversation(role, messages, tools))
 
 
 def _calls_output(role: Role, message: dict) -> bool:
@@ -181,10 +348,6 @@ def _calls_output(role: Role, message: dict) -> bool:
         return True
     names = [b.get("name") for b in content if isinstance(b, dict) and b.get("type") == "tool_use"]
     return not names or OUTPUT_TOOLS[role] in names
-
-
-def _tokens(value: Any) -> int:
-    return max(1, len(json.dumps(value)) // 4)
 
 
 def error_body(error_type: str, message: str) -> dict:
@@ -205,6 +368,147 @@ def _role_of(body: Any) -> Role | None:
 def _workspace_tools(body: dict) -> set[str]:
     return {t.get("name") for t in body.get("tools") or []
             if isinstance(t, dict) and t.get("name") not in ROLE_BY_TOOL}
+
+
+# --- prompt caching ----------------------------------------------------------
+#
+# Accounted the way the Messages API does it: blocks marked `cache_control` (on tools, system
+# blocks and message content blocks, or the last block through the top-level `cache_control`;
+# at most 4) end cacheable prefixes, rendered in the API's order tools -> system -> messages.
+# A request reads the longest cached prefix it finds, looking back from each breakpoint over
+# the 20 block boundaries before it (as the API does), writes the prefixes ending at its
+# breakpoints beyond that, and pays the rest as plain input. Entries live per model for their
+# TTL (5 minutes, or 1 hour with ttl "1h"), refreshed by every read.
+
+MAX_BREAKPOINTS = 4
+LOOKBACK_BLOCKS = 20
+CACHE_TTL_S = {"5m": 300.0, "1h": 3600.0}
+# Sonnet's minimum is 1024 tokens. relay's prompts are small (a role's tools and system prompt
+# are 250-530 tokens by this count), so the default is a quarter of that: short prefixes still
+# go uncached, while a role's tools + system prompt and its history are cached, as they would
+# be with a real model's larger prompts. Pass 1024 to model Sonnet exactly.
+MIN_CACHEABLE_TOKENS = 256
+# What the API renders after the last block (the assistant turn's opening) is never cached:
+# real answers report a few input_tokens even when every block is read from cache.
+FRAMING_TOKENS = 3
+
+
+def _tokens(value: Any) -> int:
+    """The scripted model's token count: about 4 characters of JSON per token."""
+    return max(1, len(json.dumps(value)) // 4)
+
+
+@dataclass(frozen=True)
+class _Block:
+    """One block of the rendered prompt: its tokens, the hash of the whole prefix it ends, and
+    the TTL it was marked with (None: not a breakpoint)."""
+
+    tokens: int
+    key: str
+    ttl: float | None
+
+
+def _ttl(block: Any) -> float | None:
+    mark = block.get("cache_control") if isinstance(block, dict) else None
+    if not isinstance(mark, dict) or mark.get("type") != "ephemeral":
+        return None
+    return CACHE_TTL_S.get(str(mark.get("ttl", "5m")), CACHE_TTL_S["5m"])
+
+
+def _rendered(body: dict) -> list[tuple[str, Any]]:
+    """(where, block) for every block of the prompt, in the API's order; a string system
+    prompt or message content is one text block."""
+    def as_blocks(content: Any) -> list[Any]:
+        return [{"type": "text", "text": content}] if isinstance(content, str) else (
+            list(content) if isinstance(content, list) else [])
+
+    blocks = [("tools", t) for t in body.get("tools") or []]
+    blocks += [("system", b) for b in as_blocks(body.get("system"))]
+    for m in body.get("messages") or []:
+        if isinstance(m, dict):
+            blocks += [(str(m.get("role")), b) for b in as_blocks(m.get("content"))]
+    return blocks
+
+
+def prompt_blocks(body: dict) -> list[_Block]:
+    """The prompt's blocks with their prefix hashes. A block's `cache_control` is not part of
+    its content (moving a breakpoint does not change the prefix), and key order is not either
+    (the API reads JSON, it does not hash the bytes the client happened to send)."""
+    rendered = _rendered(body)
+    top = _ttl(body)  # the top-level cache_control marks the last block
+    out, prefix = [], hashlib.sha256(str(body.get("model")).encode()).hexdigest()
+    for i, (where, block) in enumerate(rendered):
+        content = {k: v for k, v in block.items() if k != "cache_control"} if isinstance(
+            block, dict) else block
+        canonical = json.dumps([where, content], sort_keys=True, separators=(",", ":"))
+        prefix = hashlib.sha256((prefix + canonical).encode()).hexdigest()
+        ttl = _ttl(block) or (top if i == len(rendered) - 1 else None)
+        out.append(_Block(tokens=_tokens(content), key=prefix, ttl=ttl))
+    return out
+
+
+def input_tokens(body: dict) -> int:
+    """All of a request's input tokens, cached or not (what count_tokens answers)."""
+    return sum(b.tokens for b in prompt_blocks(body)) + FRAMING_TOKENS
+
+
+def too_many_breakpoints(body: dict) -> str | None:
+    marks = sum(1 for b in prompt_blocks(body) if b.ttl is not None)
+    if marks > MAX_BREAKPOINTS:
+        return (f"A maximum of {MAX_BREAKPOINTS} blocks with cache_control may be provided. "
+                f"Found {marks}.")
+    return None
+
+
+class CacheUsage(BaseModel):
+    input_tokens: int
+    cache_creation_input_tokens: int
+    cache_read_input_tokens: int
+
+
+class PromptCache:
+    """The server side of prompt caching: prefix hashes per model, each with its expiry."""
+
+    def __init__(self, min_tokens: int = MIN_CACHEABLE_TOKENS,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.min_tokens, self.clock = min_tokens, clock
+        self._entries: dict[str, tuple[float, float]] = {}  # prefix hash -> (expires, ttl)
+        self._lock = threading.Lock()
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
+    def account(self, body: dict) -> CacheUsage:
+        """Split the request's input into cache reads, cache writes and plain input, and
+        store the prefixes it writes (the model is in every hash: caches are per model)."""
+        blocks = prompt_blocks(body)
+        ends = list(itertools.accumulate(b.tokens for b in blocks))  # tokens up to block i
+        marks = [i for i, b in enumerate(blocks) if b.ttl is not None]
+        with self._lock:
+            now = self.clock()
+            self._entries = {k: v for k, v in self._entries.items() if v[0] > now}
+            hit = max((self._hit(blocks, m) for m in marks), default=-1)
+            if hit >= 0:  # a read refreshes the entry's lifetime
+                ttl = self._entries[blocks[hit].key][1]
+                self._entries[blocks[hit].key] = (now + ttl, ttl)
+            written = hit
+            for m in marks:
+                if m > hit and ends[m] >= self.min_tokens:
+                    self._entries[blocks[m].key] = (now + blocks[m].ttl, blocks[m].ttl)  # type: ignore[operator]
+                    written = m
+        read = ends[hit] if hit >= 0 else 0
+        write = ends[written] - read if written > hit else 0
+        total = ends[-1] if ends else 0
+        return CacheUsage(input_tokens=total - read - write + FRAMING_TOKENS,
+                          cache_creation_input_tokens=write, cache_read_input_tokens=read)
+
+    def _hit(self, blocks: list[_Block], mark: int) -> int:
+        """The longest cached prefix found looking back from a breakpoint, as a block index."""
+        for i in range(mark, max(mark - LOOKBACK_BLOCKS, -1), -1):
+            if blocks[i].key in self._entries:
+                return i
+        return -1
 
 
 # --- HTTP --------------------------------------------------------------------
@@ -292,7 +596,7 @@ class _Handler(BaseHTTPRequestHandler):
             with contextlib.suppress(ValueError):
                 raw = json.loads(raw or b"{}")
             body = raw if isinstance(raw, dict) else {}
-            self.send(200, {"input_tokens": _tokens([body.get("system"), body.get("messages")])})
+            self.send(200, {"input_tokens": input_tokens(body)})
         elif path == "/_relay/faults":
             try:
                 model.add_fault(Fault.model_validate_json(raw))
@@ -327,8 +631,13 @@ class ScriptedModel:
     """The scripted Messages API server. Use as a context manager or start()/stop()."""
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0,
-                 model_name: str = f"{SCRIPTED_MODEL_PREFIX}-1") -> None:
+                 model_name: str = f"{SCRIPTED_MODEL_PREFIX}-1",
+                 min_cacheable_tokens: int = MIN_CACHEABLE_TOKENS,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        """`min_cacheable_tokens`: the shortest prefix the prompt cache stores (see
+        MIN_CACHEABLE_TOKENS); `clock`: seconds, for the cache's TTLs."""
         self.host, self.port, self.model_name = host, port, model_name
+        self.cache = PromptCache(min_cacheable_tokens, clock)
         self.requests: list[RecordedRequest] = []
         self._arrived: list[str] = []
         self._faults: list[Fault] = []
@@ -386,6 +695,7 @@ class ScriptedModel:
             self._arrived.clear()
             self.requests.clear()
             self._faults.clear()
+        self.cache.clear()  # a test starts from a cold cache, as if its prefixes had expired
 
     def _take_fault(self, role: Role) -> Fault | None:
         """The first unspent fault matching `role`, with its count decremented."""
@@ -411,6 +721,9 @@ class ScriptedModel:
             body = json.loads(raw)
         except ValueError:
             body = None
+        if isinstance(body, dict) and (problem := too_many_breakpoints(body)):
+            self._record(None, body, 400, None, auth)
+            return 400, error_body("invalid_request_error", problem), {}
         role = _role_of(body)
         if role is None:
             self._record(None, body, 400, None, auth)
@@ -434,8 +747,8 @@ class ScriptedModel:
             time.sleep(fault.delay_s)
         if fault and fault.kind in ("hang", "reset"):
             self._record(role, body, 0, kind, auth)
-            raise _Transport(fault, self._message(body, [(OUTPUT_TOOLS[role],
-                                                          role_output(role, body["messages"]))]))
+            output = role_output(role, body["messages"], _workspace_tools(body))
+            raise _Transport(fault, self._message(body, [(OUTPUT_TOOLS[role], output)]))
         if kind == "invalid_output":
             output: dict = {"unexpected": True}
             self._record(role, body, 200, kind, auth)
@@ -456,7 +769,7 @@ class ScriptedModel:
         if tools:
             calls = scripted_workspace.next_calls(role, messages, original, tools)
         if calls is None:
-            output = role_output(role, messages)
+            output = role_output(role, messages, tools)
             if tools:
                 output = scripted_workspace.final_output(role, messages, output, original)
             calls = [(OUTPUT_TOOLS[role], output)]
@@ -476,9 +789,7 @@ class ScriptedModel:
             "model": body.get("model") or self.model_name,
             "content": content,
             "stop_reason": stop, "stop_sequence": None,
-            "usage": {"input_tokens": _tokens([body.get("system"), body.get("messages")]),
-                      "output_tokens": _tokens(content),
-                      "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0},
+            "usage": {**self.cache.account(body).model_dump(), "output_tokens": _tokens(content)},
         }
 
 
@@ -487,8 +798,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8765)
     parser.add_argument("--model-name", default=f"{SCRIPTED_MODEL_PREFIX}-1")
+    parser.add_argument("--min-cacheable-tokens", type=int, default=MIN_CACHEABLE_TOKENS)
     args = parser.parse_args(argv)
-    with ScriptedModel(args.host, args.port, args.model_name) as model:
+    with ScriptedModel(args.host, args.port, args.model_name,
+                       args.min_cacheable_tokens) as model:
         print(f"Scripted model serving at {model.url} (Ctrl-C to stop)", flush=True)
         with contextlib.suppress(KeyboardInterrupt):
             threading.Event().wait()

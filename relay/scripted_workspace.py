@@ -17,6 +17,9 @@ from relay.models import OUTPUT_TOOLS, Role
 BUGGY_FIRST, ESCAPE, OVERREACH, LOOP_FOREVER = "[buggy-first]", "[escape]", "[overreach]", "[loop-forever]"
 NO_TOOLS = "[no-tools]"  # answer at once, as without a workspace (for overhead measurements)
 DEFAULT_CHECK = "python -m unittest"
+EXAMPLE_FILES = ("greeting.py", "test_greeting.py")  # what the first construction writes
+EXAMPLE = ("greeting.py, greet(name, lang) in English, Spanish or French, with unittest tests "
+           "in test_greeting.py")
 
 GREETING = '''"""Greetings in a few languages (written by relay's scripted model)."""
 

@@ -18,6 +18,7 @@ import pytest
 import pytest_asyncio
 from pydantic import ValidationError
 
+from relay import prompts
 from relay.models import (
     OUTPUT_MODELS,
     OUTPUT_TOOLS,
@@ -133,7 +134,8 @@ class TestRoleAnswers:
         revised = Plan.model_validate(output_of(
             await ask(client, Role.planner, second_turn(Role.planner, plan.model_dump(), "Fix it"))))
         assert "revision number 1" in revised.summary
-        assert "fix_it" in revised.summary
+        assert "fix_it" not in revised.summary  # the summary names the work, not the last message
+        assert revised.steps[:3] == plan.steps and "Verify the result" in revised.steps[3]
 
 
 class TestConversation:
@@ -158,6 +160,107 @@ class TestConversation:
         history = second_turn(Role.auditor, first.model_dump(), "Revised plan with a test step.")
         second = Audit.model_validate(output_of(await ask(client, Role.auditor, history)))
         assert second.approved is True and second.findings == []
+
+
+GREETING = "Write a small Python module that greets a person by name, with tests."
+WORKSPACE_TOOLS = [{"name": "list_files", "description": "List files",
+                    "input_schema": {"type": "object", "properties": {"path": {"type": "string"}}}}]
+
+
+def rendered(role: Role, kind: str, **variables: str) -> str:
+    """A user turn exactly as relay renders it from its prompt files."""
+    return prompts.load(role).render(kind, variables)
+
+
+async def converse(client, role: Role, kinds: list[tuple[str, dict]], tools: list | None = None):
+    """Drive one role through several turns of relay's prompts; the last answer's output."""
+    messages: list = []
+    for kind, variables in kinds:
+        user = [{"type": "text", "text": rendered(role, kind, **variables)}]
+        if messages:
+            user.insert(0, {"type": "tool_result", "tool_use_id": messages[-1]["content"][0]["id"],
+                            "content": "Accepted."})
+        messages.append({"role": "user", "content": user})
+        msg = await client.messages.create(
+            model=MODEL, max_tokens=1024, system="s", messages=messages,
+            tools=[tool_for(role), *(tools or [])],
+            tool_choice={"type": "tool", "name": OUTPUT_TOOLS[role]})
+        messages.append({"role": "assistant",
+                         "content": [b.model_dump(exclude_none=True) for b in msg.content]})
+    return output_of(msg)
+
+
+class TestTextsMatchTheRun:
+    """The scripted texts restate the conversation, name the files, and say their limits."""
+
+    ANSWERS = "q1. Who will use the result, and how?\n   -> Support staff.\nq2. Done?\n   -> Tests pass."
+
+    async def clarified(self, client, request: str, tools=None) -> str:
+        out = await converse(client, Role.clarifier, [("clarify", {"request": request}),
+                                                      ("answers", {"answers": self.ANSWERS})], tools)
+        return Clarification.model_validate(out).clarified_spec
+
+    @pytest.mark.asyncio
+    async def test_clarified_spec_restates_request_and_answers(self, client):
+        spec = await self.clarified(client, GREETING, WORKSPACE_TOOLS)
+        assert f"Request: {GREETING}" in spec
+        assert "-> Support staff." in spec and "-> Tests pass." in spec
+        assert "The person answered" not in spec and "A new request" not in spec  # no echo
+        assert "greeting.py" in spec and "ANTHROPIC_API_KEY" not in spec
+
+    @pytest.mark.asyncio
+    async def test_other_requests_are_told_plainly(self, client):
+        spec = await self.clarified(client, REQUEST, WORKSPACE_TOOLS)
+        plan = Plan.model_validate(await converse(
+            client, Role.planner, [("plan", {"spec": spec, "iteration": "1"})], WORKSPACE_TOOLS))
+        for text in (spec, plan.summary):
+            assert "can only build its example module" in text
+            assert "ANTHROPIC_API_KEY" in text
+
+    @pytest.mark.asyncio
+    async def test_revised_plan_names_the_files_not_the_findings(self, client):
+        spec = await self.clarified(client, GREETING, WORKSPACE_TOOLS)
+        plan = Plan.model_validate(await converse(client, Role.planner, [
+            ("plan", {"spec": spec, "iteration": "1"}),
+            ("revise", {"findings": "- The plan has no step that verifies the result."})],
+            WORKSPACE_TOOLS))
+        assert "the_auditor_rejected" not in plan.summary.lower()
+        assert "greeting.py" in plan.summary and "test_greeting.py" in plan.summary
+        assert "revision number 1" in plan.summary
+        assert any("python -m unittest" in step for step in plan.steps)
+
+    @pytest.mark.asyncio
+    async def test_first_plan_has_no_verification_the_auditor_asks_for_it(self, client):
+        spec = await self.clarified(client, GREETING, WORKSPACE_TOOLS)
+        plan = Plan.model_validate(await converse(
+            client, Role.planner, [("plan", {"spec": spec, "iteration": "1"})], WORKSPACE_TOOLS))
+        assert not any("Verify" in step for step in plan.steps)
+        assert [s.split(":")[0] for s in plan.steps[1:]] == ["Write greeting.py",
+                                                             "Write test_greeting.py"]
+
+    @pytest.mark.asyncio
+    async def test_without_a_workspace_the_plan_names_the_stub_it_writes(self, client):
+        spec = await self.clarified(client, GREETING)
+        plan = Plan.model_validate(await converse(
+            client, Role.planner, [("plan", {"spec": spec, "iteration": "1"})]))
+        change = await converse(client, Role.constructor, [("construct", {"spec": spec,
+                                                                         "plan": plan.summary})])
+        (written,) = [f["path"] for f in change["files"]]
+        assert written in plan.summary and written in " ".join(plan.steps)
+
+    @pytest.mark.asyncio
+    async def test_a_later_iteration_lists_its_change(self, client):
+        out = await converse(client, Role.clarifier, [
+            ("clarify", {"request": GREETING}), ("answers", {"answers": self.ANSWERS}),
+            ("iterate", {"iteration": "2", "request": "Add German"})], WORKSPACE_TOOLS)
+        spec = Clarification.model_validate(out).clarified_spec
+        assert f"Request: {GREETING}" in spec and "- iteration 2: Add German" in spec
+        assert "cannot make the changes asked since" in spec and "ANTHROPIC_API_KEY" in spec
+
+    @pytest.mark.asyncio
+    async def test_same_conversation_same_bytes(self, client):
+        first = await self.clarified(client, REQUEST, WORKSPACE_TOOLS)
+        assert await self.clarified(client, REQUEST, WORKSPACE_TOOLS) == first
 
 
 class TestFaults:
@@ -338,3 +441,155 @@ class TestLifecycle:
         finally:
             conn.close()
             model.stop()
+
+
+SYSTEM = "You are the planner of a five-agent pipeline; answer with the submit_plan tool. " * 16
+EPHEMERAL = {"type": "ephemeral"}
+
+
+def marked(messages: list, ttl: str | None = None) -> list:
+    """`messages` with a breakpoint on the last block, as relay's agent_turn places it."""
+    *head, last = messages
+    blocks = [dict(b) for b in last["content"]]
+    blocks[-1]["cache_control"] = {**EPHEMERAL, **({"ttl": ttl} if ttl else {})}
+    return [*head, {**last, "content": blocks}]
+
+
+def turns(n: int) -> list:
+    """A planner conversation of `n` user turns, each answered except the last."""
+    messages: list = []
+    for i in range(n):
+        text = {"type": "text", "text": f"Turn {i}: plan the greeting module, step by step. " * 8}
+        if messages:
+            messages.append({"role": "user", "content": [
+                {"type": "tool_result", "tool_use_id": f"toolu_{i}", "content": "Accepted."}, text]})
+        else:
+            messages.append({"role": "user", "content": [text]})
+        if i < n - 1:
+            messages.append({"role": "assistant", "content": [
+                {"type": "tool_use", "id": f"toolu_{i + 1}", "name": "submit_plan",
+                 "input": {"summary": f"Plan {i}", "steps": ["Write greeting.py"]}}]})
+    return messages
+
+
+async def cached_ask(client, messages: list, *, ttl: str | None = None, model: str = MODEL,
+                     system_mark: dict | None = EPHEMERAL):
+    system = {"type": "text", "text": SYSTEM, **({"cache_control": system_mark}
+                                                  if system_mark else {})}
+    msg = await client.messages.create(
+        model=model, max_tokens=1024, system=[system], messages=marked(messages, ttl),
+        tools=[tool_for(Role.planner)], tool_choice={"type": "tool", "name": "submit_plan"})
+    return msg.usage
+
+
+def total(u) -> int:
+    return u.input_tokens + u.cache_read_input_tokens + u.cache_creation_input_tokens
+
+
+class TestPromptCache:
+    """Usage splits input into cache reads, cache writes and plain input as the API does."""
+
+    @pytest.mark.asyncio
+    async def test_first_request_writes_the_same_one_reads(self, client):
+        first = await cached_ask(client, turns(1))
+        again = await cached_ask(client, turns(1))
+        assert first.cache_read_input_tokens == 0 and first.cache_creation_input_tokens > 0
+        assert again.cache_read_input_tokens == first.cache_creation_input_tokens
+        assert again.cache_creation_input_tokens == 0 and total(again) == total(first)
+        assert 0 < again.input_tokens <= 3  # the turn's framing is never cached
+
+    @pytest.mark.asyncio
+    async def test_a_resumed_conversation_reads_its_history(self, client):
+        """The rolling breakpoint: turn 2 reads all of turn 1's prompt and writes what is new."""
+        first = await cached_ask(client, turns(1))
+        second = await cached_ask(client, turns(2))
+        assert second.cache_read_input_tokens == first.cache_creation_input_tokens
+        assert total(second) == (second.cache_read_input_tokens
+                                 + second.cache_creation_input_tokens + second.input_tokens)
+        third = await cached_ask(client, turns(3))
+        assert third.cache_read_input_tokens == (second.cache_read_input_tokens
+                                                 + second.cache_creation_input_tokens)
+
+    @pytest.mark.asyncio
+    async def test_tools_and_system_are_read_when_the_messages_change(self, client):
+        first = await cached_ask(client, turns(1))
+        other = [{"role": "user", "content": [{"type": "text", "text": "Something else. " * 30}]}]
+        usage = await cached_ask(client, other)
+        assert 0 < usage.cache_read_input_tokens < first.cache_creation_input_tokens
+
+    @pytest.mark.asyncio
+    async def test_without_breakpoints_nothing_is_cached(self, client):
+        for _ in range(2):
+            usage = (await ask(client, Role.planner)).usage
+            assert usage.cache_read_input_tokens == usage.cache_creation_input_tokens == 0
+
+    @pytest.mark.asyncio
+    async def test_a_short_prefix_is_not_cached(self):
+        with ScriptedModel(min_cacheable_tokens=100_000) as server:
+            async with anthropic.AsyncAnthropic(api_key="k", base_url=server.url) as c:
+                for _ in range(2):
+                    usage = await cached_ask(c, turns(1))
+                    assert usage.cache_read_input_tokens == usage.cache_creation_input_tokens == 0
+
+    @pytest.mark.asyncio
+    async def test_the_cache_is_per_model(self, client):
+        await cached_ask(client, turns(1))
+        usage = await cached_ask(client, turns(1), model="relay-scripted-2")
+        assert usage.cache_read_input_tokens == 0
+
+    @pytest.mark.asyncio
+    async def test_entries_expire_after_their_ttl_and_reads_refresh_them(self):
+        now = [0.0]
+        with ScriptedModel(clock=lambda: now[0]) as server:
+            async with anthropic.AsyncAnthropic(api_key="k", base_url=server.url) as c:
+                await cached_ask(c, turns(1), system_mark=None)
+                now[0] = 299.0
+                assert (await cached_ask(c, turns(1), system_mark=None)).cache_read_input_tokens
+                now[0] = 598.0  # 5 minutes after the first write, but the read refreshed it
+                assert (await cached_ask(c, turns(1), system_mark=None)).cache_read_input_tokens
+                now[0] = 899.0
+                assert not (await cached_ask(c, turns(1),
+                                             system_mark=None)).cache_read_input_tokens
+                await cached_ask(c, turns(2), ttl="1h", system_mark=None)
+                now[0] += 3000.0
+                assert (await cached_ask(c, turns(2), system_mark=None)).cache_read_input_tokens
+
+    @pytest.mark.asyncio
+    async def test_the_lookback_reaches_20_blocks_before_a_breakpoint(self, client):
+        """As in the API: a turn that adds more than 20 blocks misses the history it extends."""
+        first = await cached_ask(client, turns(1))
+        wide = turns(1) + [
+            {"role": "assistant", "content": [{"type": "tool_use", "id": f"toolu_w{i}",
+                                               "name": "list_files", "input": {}}
+                                              for i in range(12)]},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": f"toolu_w{i}",
+                                          "content": "."} for i in range(12)]}]
+        usage = await cached_ask(client, wide)
+        assert 0 < usage.cache_read_input_tokens < first.cache_creation_input_tokens
+
+    @pytest.mark.asyncio
+    async def test_top_level_cache_control_marks_the_last_block(self, client):
+        for _ in range(2):
+            msg = await client.messages.create(
+                model=MODEL, max_tokens=1024, system=SYSTEM, messages=turns(1),
+                tools=[tool_for(Role.planner)], tool_choice={"type": "tool", "name": "submit_plan"},
+                extra_body={"cache_control": EPHEMERAL})
+        assert msg.usage.cache_read_input_tokens > 0 and msg.usage.cache_creation_input_tokens == 0
+
+    @pytest.mark.asyncio
+    async def test_more_than_four_breakpoints_is_a_bad_request(self, client):
+        blocks = [{"type": "text", "text": f"part {i}", "cache_control": EPHEMERAL}
+                  for i in range(5)]
+        with pytest.raises(anthropic.BadRequestError) as exc:
+            await client.messages.create(
+                model=MODEL, max_tokens=64, messages=[{"role": "user", "content": blocks}],
+                tools=[tool_for(Role.planner)], tool_choice={"type": "tool", "name": "submit_plan"})
+        assert "A maximum of 4 blocks with cache_control" in exc.value.body["error"]["message"]
+
+    @pytest.mark.asyncio
+    async def test_count_tokens_is_the_total_that_usage_splits(self, client):
+        usage = await cached_ask(client, turns(2))
+        counted = await client.messages.count_tokens(
+            model=MODEL, system=[{"type": "text", "text": SYSTEM}], messages=turns(2),
+            tools=[tool_for(Role.planner)])
+        assert counted.input_tokens == total(usage)

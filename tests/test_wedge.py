@@ -261,3 +261,21 @@ async def test_fuzzed_starts(client: Client, relay: RelayClient, bystander: str)
     assert (await relay.status(bystander)).model_dump() == other_before
     assert len(inputs) >= 150
     await relay.cancel(bystander)
+
+
+async def test_oversized_answers_are_refused_and_the_spec_waits(client: Client,
+                                                                relay: RelayClient) -> None:
+    """Answers go into every later prompt: bounded like the request (max_request_bytes)."""
+    limits = relay.settings.limits().model_copy(update={"max_request_bytes": 1_000})
+    sid = await relay.run("Add a greeting module", spec_id=spec_id("bigans"), limits=limits)
+    await wait_for_questions(relay, sid)
+    handle = client.get_workflow_handle(sid)
+    await handle.signal("answer_signal", {"answers": {"q1": "x" * 2_000, "q2": "fine"}})
+    st = await wait_for(relay, sid, lambda s: s.rejected_count == 1)
+    assert "limit is 1000 bytes" in st.rejected_inputs[-1]
+    assert st.phase == Phase.waiting_for_answers
+    with pytest.raises(WorkflowUpdateFailedError) as refused:
+        await handle.execute_update("answer", {"answers": {"q1": "y" * 2_000, "q2": "fine"}})
+    assert "limit is 1000 bytes" in str(refused.value.cause)
+    await relay.cancel(sid)
+    assert (await wait_for(relay, sid, lambda s: s.phase in TERMINAL)).phase == Phase.cancelled

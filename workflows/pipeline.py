@@ -546,6 +546,11 @@ class SpecPipeline:
         missing = sorted(k for k in known if not cleaned.get(k))
         if missing:
             raise ValueError(f"missing answers for {missing}")
+        # the answers go into every later prompt of the spec: bounded like the request
+        size = sum(len(v.encode("utf-8", "surrogatepass")) for v in cleaned.values())
+        if size > self._limits.max_request_bytes:
+            raise ValueError(f"the answers are {size} bytes; the limit is "
+                             f"{self._limits.max_request_bytes} bytes (max_request_bytes)")
         return cleaned
 
     @workflow.update
