@@ -263,6 +263,13 @@ class TemporalTarget:
     tls: bool | TLSConfig = False
     rpc_metadata: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        # the SDK only warns about a URL today (and will refuse it later): say it plainly now
+        if "://" in self.address:
+            raise InvalidSettings(f"the Temporal address from {self.source} is a URL "
+                                  f"({one_line(self.address, 80)}): give host:port, e.g. "
+                                  f"127.0.0.1:7233")
+
     @property
     def hint(self) -> str:
         if self.source == "default":

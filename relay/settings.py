@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from copy import copy
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
 from pydantic.fields import FieldInfo
@@ -66,8 +66,14 @@ class RelaySettings(BaseSettings):
     effects: str | None = Field(default=None, description="module:attribute of an EffectRegistry")
     failpoints: str = Field(default="", description="test only: crash the worker at these points")
 
-    log_format: str = Field(default="auto", description="auto | json | console")
-    log_level: str = "info"
+    log_format: Literal["auto", "json", "console"] = Field(
+        default="auto", description="auto (JSON unless a terminal) | json | console")
+    log_level: Literal["debug", "info", "warning", "error", "critical"] = "info"
+
+    @field_validator("log_format", "log_level", mode="before")
+    @classmethod
+    def _lower(cls, value: object) -> object:
+        return value.strip().lower() if isinstance(value, str) else value
 
     @field_validator("anthropic_api_key", "anthropic_base_url", "database_url", mode="before")
     @classmethod

@@ -433,6 +433,20 @@ async def test_malformed_temporal_address(settings):
     message = cli_error(await cli(settings, "status", "some-spec", "--address", "127.0.0.1:99999",
                                   timeout=FAST))
     assert "127.0.0.1:99999" in message
+    for address in ("http://localhost:7233", "http://[::1"):  # a URL, not host:port
+        with pytest.raises(RelayError, match="give host:port"):
+            await RelayClient.connect(settings, address=address)
+        message = cli_error(await cli(settings, "status", "some-spec", "--address", address,
+                                      timeout=FAST))
+        assert "is a URL" in message
+
+
+async def test_out_of_range_ports_and_unknown_log_settings(settings):
+    code, _, err = await cli(settings, "dev", "--port", "99999", timeout=FAST)
+    assert code == 2 and "Traceback" not in err and "65535" in err
+    message = cli_error(await cli(settings, "status", "some-spec", timeout=FAST,
+                                  env={"RELAY_LOG_LEVEL": "loud"}))
+    assert "RELAY_LOG_LEVEL" in message
 
 
 @pytest_asyncio.fixture
