@@ -16,6 +16,18 @@ heartbeat details meanwhile, so if this attempt gives up or dies, the next one
 An answer cut at max_tokens gets the repair exchange too, told why (and none of
 its tool calls run: their input may be cut as well); a refusal ends the turn,
 named as one: insisting on the same conversation would only pay for it again.
+
+Cost and budget: the spec's spend so far is read from the registry once per turn
+(every session of the spec, every iteration: right after a crash too), and each
+model call is checked against the spec's budget before it is made, with an
+estimate of its cost (see relay.pricing.estimate_call: the request's JSON size / 3
+as input tokens at the dearer of the input and cache-write prices, plus max_tokens
+of output at the output price; no count_tokens round trip). A call that would go
+over ends the attempt with the non-retryable BudgetExhausted *before* anything is
+paid; the workflow waits for a raise and runs the same turn again, which reuses the
+exchanges already recorded. An attempt that takes over the lapsed lease of one that
+died holding the turn counts that one's unrecorded call as possibly billed (one
+registry row, only then: the normal path pays no extra write).
 """
 
 from __future__ import annotations
@@ -23,7 +35,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from typing import Any
 
@@ -31,12 +43,12 @@ import anthropic
 import structlog
 from pydantic import BaseModel, ValidationError
 from temporalio import activity
-from temporalio.exceptions import ApplicationError
+from temporalio.exceptions import ApplicationError, ApplicationErrorCategory
 
 from activities.effects import EffectExecutor
 from activities.heartbeat import carried_over, carry, finish_first, patiently, with_heartbeat
 from activities.model_errors import bad_response, registry_error, to_temporal_error
-from activities.tools import ToolBox, ToolRefused, tool_definitions
+from activities.tools import ToolBox, ToolRefused, clean_text, tool_definitions
 from activities.turn_lease import TurnLease
 from relay import prompts
 from relay.models import (
@@ -46,7 +58,10 @@ from relay.models import (
     AgentTurnResult,
     Role,
     TokenUsage,
+    ToolUse,
 )
+from relay.models import BudgetWait, Cost, SpecCost
+from relay.pricing import PriceTable, estimate_call, estimate_input_tokens, load_prices, spec_cost
 from relay.registry import AgentSession, Registry, SessionMessage
 
 log = structlog.get_logger("relay.agent_turn")
@@ -170,6 +185,35 @@ def _changed_paths(turn: list[dict[str, Any]], toolbox: ToolBox | None) -> list[
     return paths
 
 
+CHECK_REPORT_MAX = 2000  # characters of a check's output a turn result carries (its tail)
+
+
+def _tool_log(turn: list[dict[str, Any]], output_tool: str) -> dict[str, Any]:
+    """The turn's workspace tool calls with their paths, and the tail of its last run_checks
+    output, from its recorded messages (for progress and the reviewer)."""
+    results = {b.get("tool_use_id"): b for m in turn if m["role"] == "user" for b in m["content"]
+               if isinstance(b, dict) and b.get("type") == "tool_result"}
+    uses: list[ToolUse] = []
+    report = None
+    for m in turn:
+        for b in m["content"] if m["role"] == "assistant" else []:
+            if b.get("type") != "tool_use" or b.get("name") == output_tool:
+                continue
+            args = b.get("input") if isinstance(b.get("input"), dict) else {}
+            path = args.get("path") if isinstance(args.get("path"), str) else None
+            result = results.get(b.get("id")) or {}
+            uses.append(ToolUse(name=str(b.get("name"))[:64], path=path[:300] if path else None,
+                                error=bool(result.get("is_error"))))
+            if b.get("name") == "run_checks" and result:
+                content = result.get("content")
+                text = content if isinstance(content, str) else json.dumps(content)
+                if len(text) > CHECK_REPORT_MAX:  # keep "$ command" and "exit code: N"
+                    head = "\n".join(text.splitlines()[:2])[:300]
+                    text = f"{head}\n...\n{text[-CHECK_REPORT_MAX:]}"
+                report = text
+    return {"tool_uses": uses[:200], "check_report": report}
+
+
 def _with_cache_breakpoint(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Mark the end of the conversation cacheable so the next turn reads it from cache."""
     if not messages:
@@ -184,16 +228,33 @@ def _with_cache_breakpoint(messages: list[dict[str, Any]]) -> list[dict[str, Any
 @dataclass
 class _TurnState:
     unsandboxed_checks: bool = False  # a run_checks call of this turn ran outside the sandbox
+    spend: SpecCost = field(default_factory=SpecCost)  # the spec's, read when the turn began
+    paid: Cost = field(default_factory=Cost)  # what this attempt added to it since
+
+    def spent(self, role: Role) -> SpecCost:
+        by_role = dict(self.spend.by_role)
+        by_role[role.value] = by_role.get(role.value, Cost()) + self.paid
+        return SpecCost(total=self.spend.total + self.paid, by_role=by_role)
+
+
+def _same_activity(owner: str, other: str) -> bool:
+    """Two attempts of one activity (a lease owner is run/activity/attempt)."""
+    return owner.rsplit("/", 1)[0] == other.rsplit("/", 1)[0]
+
+
+BUDGET_EXHAUSTED = "BudgetExhausted"
 
 
 class AgentTurnActivities:
     def __init__(self, registry: Registry, model_client: anthropic.AsyncAnthropic, model: str,
-                 max_tokens: int = 4096, executor: EffectExecutor | None = None) -> None:
+                 max_tokens: int = 4096, executor: EffectExecutor | None = None,
+                 prices: PriceTable | None = None) -> None:
         self.registry = registry
         self.executor = executor
         self.client = model_client
         self.model = model
         self.max_tokens = max_tokens
+        self.prices = prices or load_prices()
 
     @activity.defn(name="agent_turn")
     async def agent_turn(self, inp: AgentTurnInput) -> AgentTurnResult:
@@ -232,6 +293,8 @@ class AgentTurnActivities:
                 self.registry.begin_turn, inp.spec_id, inp.role, inp.turn, lease.owner,
                 lease.ttl_s, lease.supersede, what="begin_turn")
             structlog.contextvars.bind_contextvars(session_id=session.id)
+            if lease.held and session.lease_owner not in (None, lease.owner, lease.supersede):
+                lease.took_over = session.lease_owner  # read before the claim: it lapsed
             if await lease.wait_for(session.id):
                 # the other attempt recorded some steps, or all of them, meanwhile
                 session, created, history, _ = await patiently(
@@ -262,7 +325,8 @@ class AgentTurnActivities:
         last_assistant = next((m for m in reversed(before) if m.role == "assistant"), None)
         user = [*_tool_results_for(last_assistant), {"type": "text", "text": text}]
         replayed, repaired, invalid_streak = True, False, 0
-        state = _TurnState()
+        state = _TurnState(spend=spec_cost(
+            *await patiently(self.registry.spend, inp.spec_id, what="spend"), self.prices))
         for step in range(inp.max_tool_steps):
             exchange = self._recorded(recorded, step, inp.role, toolbox is not None)
             if exchange is not None and pending is not None and pending.step == step:
@@ -278,10 +342,19 @@ class AgentTurnActivities:
                     pending = None
                 else:
                     lease.check()
+                    await self._before_call(inp, session, step, lease, state, prompt.system,
+                                            offered, [*conversation, {"role": "user",
+                                                                      "content": user}])
                     exchange = await self._call_model(prompt.system, inp.role, offered,
                                                       conversation, user, forced=toolbox is None)
                 stored = await self._record(inp, prompt, session, step, exchange, lease)
                 lease.released = stored and exchange.output is not None
+                if stored:
+                    state.paid = state.paid + self._cost(exchange.model, exchange.usage)
+                else:  # paid, yet discarded: counted as possibly billed, never dropped
+                    await self._possibly_billed(inp, session, step, lease.owner, state,
+                                                "duplicate_discarded", exchange.model,
+                                                *self._usage_cost(exchange.model, exchange.usage))
                 if not stored:  # a concurrent attempt recorded this exchange first: use theirs
                     fresh = await patiently(self.registry.messages, session.id, what="messages")
                     recorded = {(m.step, m.role): m for m in fresh if m.turn == inp.turn}
@@ -307,7 +380,9 @@ class AgentTurnActivities:
                                    for b in m["content"]
                                    if b.get("type") == "tool_use" and b.get("name") != tool),
                     changed_paths=_changed_paths(conversation[turn_start:], toolbox),
+                    **_tool_log(conversation[turn_start:], tool),
                     unsandboxed_checks=state.unsandboxed_checks,
+                    spend=state.spent(inp.role), cost_usd=state.paid.usd,
                 )
             if exchange.error is not None and exchange.error.startswith(REFUSED):
                 log.warning("agent_turn.refused", step=step, error=exchange.error)
@@ -351,6 +426,75 @@ class AgentTurnActivities:
         raise ApplicationError(
             f"{inp.role.value} tool loop cut at {inp.max_tool_steps} model calls without a result "
             f"(turn {inp.turn})", type="ToolLoopExceeded", non_retryable=True)
+
+    # --- cost and budget ------------------------------------------------------------------
+
+    def _usage_cost(self, model: str, usage: TokenUsage) -> tuple[int, float | None]:
+        price = self.prices.price(model)
+        args = (usage.input_tokens, usage.output_tokens, usage.cache_read_input_tokens,
+                usage.cache_creation_input_tokens)
+        return sum(args), (price.cost(*args) if price else None)
+
+    def _cost(self, model: str, usage: TokenUsage) -> Cost:
+        tokens, usd = self._usage_cost(model, usage)
+        return Cost(tokens=tokens, calls=1, usd=usd or 0.0,
+                    unpriced_models=[model] if usd is None and tokens else [])
+
+    async def _possibly_billed(self, inp: AgentTurnInput, session: AgentSession, step: int,
+                               owner: str, state: _TurnState, reason: str, model: str,
+                               tokens: int, usd: float | None) -> None:
+        counted = await patiently(
+            self.registry.record_possibly_billed, inp.spec_id, session.id, turn=inp.turn,
+            step=step, owner=owner, reason=reason, model=model, tokens=tokens, usd=usd,
+            what="record_possibly_billed")
+        log.warning("agent_turn.possibly_billed", step=step, reason=reason, lost_attempt=owner,
+                    tokens=tokens, usd=usd, counted=counted)
+        if counted:
+            state.paid = state.paid + Cost(possibly_billed_calls=1, possibly_billed_tokens=tokens,
+                                           possibly_billed_usd=usd or 0.0)
+
+    async def _before_call(self, inp: AgentTurnInput, session: AgentSession, step: int,
+                           lease: TurnLease, state: _TurnState, system: str,
+                           offered: list[dict[str, Any]], messages: list[dict[str, Any]]) -> None:
+        """Before paying for a call: count the lost call of an attempt this one took over, and
+        refuse the call (BudgetExhausted) if its estimate would take the spec over budget."""
+        budget = inp.budget
+        limited = budget is not None and (budget.usd is not None or budget.tokens is not None)
+        lost = lease.took_over
+        if not limited and lost is None:
+            return  # nothing to check: no estimate is made
+        tokens, usd = estimate_call(self.prices.price(self.model),
+                                    estimate_input_tokens(system, offered, messages),
+                                    self.max_tokens)
+        if lost is not None:
+            lease.took_over = None
+            if _same_activity(lost, lease.owner):  # an earlier attempt of this very turn
+                await self._possibly_billed(inp, session, step, lost, state, "attempt_lost",
+                                            self.model, tokens, usd)
+        if not limited:
+            return
+        assert budget is not None
+        spent = state.spent(inp.role)
+        spent_tokens = spent.total.tokens + spent.total.possibly_billed_tokens
+        spent_usd = spent.total.usd + spent.total.possibly_billed_usd
+        over = []
+        if budget.tokens is not None and spent_tokens + tokens > budget.tokens:
+            over.append(f"{spent_tokens:,} tokens spent + {tokens:,} estimated > budget "
+                        f"{budget.tokens:,} tokens")
+        if budget.usd is not None and usd is not None and spent_usd + usd > budget.usd:
+            over.append(f"${spent_usd:.4f} spent + ${usd:.4f} estimated > budget "
+                        f"${budget.usd:.4f}")
+        if not over:
+            return
+        reason = (f"{inp.role.value} turn {inp.turn} step {step}: the next model call would "
+                  f"exceed the spec's budget: " + "; ".join(over))
+        wait = BudgetWait(role=inp.role, turn=inp.turn, step=step, estimate_tokens=tokens,
+                          estimate_usd=usd, spent_tokens=spent_tokens, spent_usd=spent_usd,
+                          budget=budget, reason=reason, spend=spent)
+        log.warning("agent_turn.budget_exhausted", step=step, reason=reason)
+        # BENIGN: an expected pause, logged in one line by the SDK, no traceback, no failure metric
+        raise ApplicationError(reason, wait.model_dump(mode="json"), type=BUDGET_EXHAUSTED,
+                               non_retryable=True, category=ApplicationErrorCategory.BENIGN)
 
     def _toolbox(self, inp: AgentTurnInput) -> ToolBox | None:
         if inp.workspace is None or self.executor is None:
@@ -413,7 +557,7 @@ class AgentTurnActivities:
             state.unsandboxed_checks = True
         log.info("agent_turn.tool", tool=call.get("name"), error=outcome.is_error)
         block: dict[str, Any] = {"type": "tool_result", "tool_use_id": call["id"],
-                                 "content": outcome.text}
+                                 "content": clean_text(outcome.text)}
         if outcome.is_error:
             block["is_error"] = True
         return block

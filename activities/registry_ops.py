@@ -9,8 +9,9 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError, ApplicationErrorCategory
 
 from relay.models import (
-    ROLES, OpenSpecInput, OpenSpecResult, SessionRef, SessionStateInput, WorkspaceInput,
+    ROLES, Budget, OpenSpecInput, OpenSpecResult, SessionRef, SessionStateInput, WorkspaceInput,
 )
+from relay.pricing import PriceTable, load_prices, spec_cost
 from relay.registry import Registry, SpecConflict
 
 
@@ -18,8 +19,9 @@ log = structlog.get_logger("relay.registry")
 
 
 class RegistryActivities:
-    def __init__(self, registry: Registry) -> None:
+    def __init__(self, registry: Registry, prices: PriceTable | None = None) -> None:
         self.registry = registry
+        self.prices = prices or load_prices()
 
     @activity.defn(name="open_spec")
     async def open_spec(self, inp: OpenSpecInput) -> OpenSpecResult:
@@ -27,7 +29,8 @@ class RegistryActivities:
         try:
             spec = await asyncio.to_thread(
                 self.registry.open_spec, inp.spec_id, inp.run_id, inp.request, inp.iterate,
-                inp.workspace.model_dump() if inp.workspace else None)
+                inp.workspace.model_dump() if inp.workspace else None,
+                (inp.budget.usd, inp.budget.tokens) if inp.budget else None)
         except SpecConflict as exc:
             # an expected refusal (e.g. a raw `temporal workflow start` on an existing spec id):
             # BENIGN logs it at debug level, without a traceback, and records no failure metric
@@ -38,14 +41,20 @@ class RegistryActivities:
             session, _ = await asyncio.to_thread(self.registry.resolve_session, inp.spec_id, role)
             refs.append(SessionRef(role=role, session_id=session.id, name=session.name,
                                    state=session.status, turns=session.turns))
+        spend = spec_cost(*await asyncio.to_thread(self.registry.spend, inp.spec_id), self.prices)
         return OpenSpecResult(spec_id=spec.spec_id, iteration=spec.iteration,
                               original_request=spec.request, sessions=refs,
                               workspace=WorkspaceInput.model_validate(spec.workspace)
-                              if spec.workspace else None)
+                              if spec.workspace else None,
+                              budget=Budget(usd=spec.budget_usd, tokens=spec.budget_tokens),
+                              spend=spend)
 
     @activity.defn(name="set_session_states")
     async def set_session_states(self, inp: SessionStateInput) -> None:
         await asyncio.to_thread(self.registry.set_status, inp.spec_id, inp.roles, inp.state)
+        if inp.budget is not None:  # a budget raised during the run holds for the next iteration
+            await asyncio.to_thread(self.registry.set_budget, inp.spec_id, inp.budget.usd,
+                                    inp.budget.tokens)
         if inp.spec_status is not None:
             await asyncio.to_thread(self.registry.close_spec, inp.spec_id, inp.spec_status, inp.outcome)
             # logged here, once per run: workflow code may replay (e.g. to answer a query)

@@ -47,6 +47,7 @@ class TurnLease:
     released: bool = False  # ended by the turn's final append_exchange
     lost: bool = False  # it lapsed and another attempt took it over
     supersede: str | None = None  # a previous attempt known to have given up: its lease is ours
+    took_over: str | None = None  # an attempt that died holding the turn: its lapsed lease is ours
 
     @classmethod
     def for_this_attempt(cls, registry: Registry) -> TurnLease:
@@ -59,8 +60,10 @@ class TurnLease:
         """Take the lease, waiting while another live attempt holds it; True if it waited."""
         waited = False
         while not self.held:
-            self.held = await patiently(self.registry.claim_turn, session_id, self.owner,
-                                        self.ttl_s, supersede=self.supersede, what="claim_turn")
+            self.held, lapsed = await patiently(self.registry.take_turn, session_id, self.owner,
+                                                self.ttl_s, supersede=self.supersede,
+                                                what="claim_turn")
+            self.took_over = lapsed or self.took_over
             if not self.held:
                 if not waited:
                     log.info("agent_turn.waiting_for_other_attempt")

@@ -86,6 +86,11 @@ Check = Annotated[Optional[str], typer.Option(
     "--check", help='Check command the validator runs, e.g. "pytest -q"')]
 AutoApprove = Annotated[bool, typer.Option(
     "--auto-approve", help="Deliver without waiting for a human's approval")]
+BudgetUsd = Annotated[Optional[float], typer.Option(
+    "--budget-usd", help="The spec's budget in USD, all agents and iterations "
+    "(default RELAY_BUDGET_USD; unset: no limit)")]
+BudgetTokens = Annotated[Optional[int], typer.Option(
+    "--budget-tokens", help="The spec's budget in tokens (default RELAY_BUDGET_TOKENS)")]
 
 
 def _workspace(path: Path | None, target: str, check: str | None) -> dict[str, Any]:
@@ -168,8 +173,10 @@ def _announce(stack: Any, ui_hint: bool = True) -> None:
 
 
 @app.command()
-def dev(port: Annotated[Optional[int], typer.Option(help="Temporal port (default 7233 or a free one)")] = None,
-        ui_port: Annotated[Optional[int], typer.Option(help="Web UI port (default 8233 or a free one)")] = None,
+def dev(port: Annotated[Optional[int], typer.Option(
+            min=1, max=65535, help="Temporal port (default 7233 or a free one)")] = None,
+        ui_port: Annotated[Optional[int], typer.Option(
+            min=1, max=65535, help="Web UI port (default 8233 or a free one)")] = None,
         headless: Annotated[bool, typer.Option(help="No Web UI")] = False) -> None:
     """Run the embedded Temporal dev server, a worker and (without an API key) the scripted model."""
     settings = settings_for()
@@ -310,14 +317,16 @@ def run(request: Annotated[str, typer.Argument(help="The request text, or a file
         spec_id: Annotated[Optional[str], typer.Option("--id", help="Spec id (default: generated)")] = None,
         follow_: Annotated[bool, typer.Option("--follow", help="Follow it and ask questions here")] = False,
         workspace: Workspace = None, target: Target = "main", check: Check = None,
-        auto_approve: AutoApprove = False, address: Address = None) -> None:
+        auto_approve: AutoApprove = False, budget_usd: BudgetUsd = None,
+        budget_tokens: BudgetTokens = None, address: Address = None) -> None:
     """Start a spec."""
     text = _request_text(request)
 
     async def go() -> int:
         rc = await _client(address)
         sid = await rc.run(text, spec_id=spec_id, workspace=_workspace(workspace, target, check),
-                           auto_approve=auto_approve)
+                           auto_approve=auto_approve, budget_usd=budget_usd,
+                           budget_tokens=budget_tokens)
         say(sid)
         return await follow(rc, sid, "interactive") if follow_ else 0
 
@@ -328,14 +337,16 @@ def run(request: Annotated[str, typer.Argument(help="The request text, or a file
 def iterate(spec_id: str, change_request: Annotated[str, typer.Argument(help="The change, or a file")],
             follow_: Annotated[bool, typer.Option("--follow")] = False,
             workspace: Workspace = None, target: Target = "main", check: Check = None,
-            auto_approve: AutoApprove = False, address: Address = None) -> None:
+            auto_approve: AutoApprove = False, budget_usd: BudgetUsd = None,
+            budget_tokens: BudgetTokens = None, address: Address = None) -> None:
     """Start the next iteration of a finished spec; every agent resumes its session."""
     text = _request_text(change_request)
 
     async def go() -> int:
         rc = await _client(address)
         await rc.iterate(spec_id, text, workspace=_workspace(workspace, target, check),
-                         auto_approve=auto_approve)
+                         auto_approve=auto_approve, budget_usd=budget_usd,
+                         budget_tokens=budget_tokens)
         say(f"{spec_id}: next iteration started")
         return await follow(rc, spec_id, "interactive") if follow_ else 0
 
@@ -376,7 +387,12 @@ def approve(spec_id: str, reviewer: Annotated[Optional[str], typer.Option(help="
     """Approve delivery of the validated change (merge into the target branch)."""
 
     async def go() -> None:
-        await (await _client(address)).approve(spec_id, reviewer=reviewer, comment=comment)
+        rc = await _client(address)
+        with contextlib.suppress(RelayError):  # what is approved; the update says if it can be
+            st = await rc.status(spec_id)
+            if st.phase == Phase.waiting_for_approval:
+                _approval_view(st)
+        await rc.approve(spec_id, reviewer=reviewer, comment=comment)
         say(f"{spec_id}: approved; delivering")
 
     run_async(go())
@@ -434,7 +450,10 @@ def status(spec_id: str, as_json: AsJson = False, address: Address = None) -> No
             if problem:
                 err.print(Text(f"warning: registry unreachable: {one_line(problem)}"), soft_wrap=True)
         else:
-            view.print_status(out, st, registry_problem=problem)
+            view.print_status(out, st, registry_problem=problem, web_ui=rc.web_ui_url(spec_id))
+            if st.phase == Phase.waiting_for_approval:
+                say(f"approve: relay approve {spec_id} · reject: relay reject {spec_id} "
+                    "--reason ... · the diff: relay diff " + spec_id)
 
     run_async(go())
 
@@ -454,10 +473,35 @@ def result(spec_id: str, as_json: AsJson = False, address: Address = None) -> No
     """Wait for the spec's current run and print its result."""
 
     async def go() -> None:
-        res = await (await _client(address)).result(spec_id)
-        out.print_json(res.model_dump_json()) if as_json else view.print_result(out, res)
+        rc = await _client(address)
+        res = await rc.result(spec_id)
+        if as_json:
+            out.print_json(res.model_dump_json())
+        else:
+            view.print_result(out, res, web_ui=rc.web_ui_url(spec_id))
 
     run_async(go())
+
+
+@app.command()
+def diff(spec_id: str, as_json: AsJson = False, address: Address = None) -> None:
+    """The validated change: diff stat and diff, paged on a terminal (plain when piped).
+
+    A worker computed it when the validator approved (workers and this command may be on
+    different machines); it is kept with the run, so it stays readable after delivery."""
+
+    async def go() -> int:
+        d = await (await _client(address)).diff(spec_id)
+        if as_json:
+            out.print_json(d.model_dump_json())
+            return 0
+        if d.note and not d.diff:
+            fail(f"spec {spec_id}: {d.note}")
+            return 1
+        page(lambda console: view.print_diff(console, d))
+        return 0
+
+    raise typer.Exit(run_async(go()))
 
 
 @app.command()
@@ -490,8 +534,33 @@ def _show_rows(rows: list[Any], as_json: bool, table: Any) -> None:
 @app.command()
 def sessions(spec_id: str, as_json: AsJson = False) -> None:
     """The agents' sessions of a spec (the handshake registry)."""
-    rows = _registry_read(lambda rc: rc.sessions(spec_id))
-    _show_rows(rows, as_json, lambda: view.print_sessions(out, rows))
+    rows, cost = _registry_read(lambda rc: (rc.sessions(spec_id), rc.cost(spec_id)))
+    if as_json:  # each session with its cost (one session per role)
+        out.print_json(json.dumps([{**r.model_dump(mode="json"), "cost": cost.by_role[r.role]
+                                    .model_dump(mode="json") if r.role in cost.by_role else None}
+                                   for r in rows]))
+    else:
+        view.print_sessions(out, rows, cost)
+
+
+@app.command()
+def budget(spec_id: str,
+           add: Annotated[Optional[float], typer.Option(
+               "--add", help="USD to add to the spec's budget, e.g. 2.00")] = None,
+           tokens: Annotated[Optional[int], typer.Option(
+               "--tokens", help="Tokens to add to the spec's budget")] = None,
+           address: Address = None) -> None:
+    """Raise a running spec's budget; one waiting_for_budget goes on where it stopped."""
+
+    async def go() -> None:
+        if add is None and tokens is None:
+            raise InvalidAnswer("give --add USD and/or --tokens N")
+        new = await (await _client(address)).budget(spec_id, add_usd=add, add_tokens=tokens)
+        parts = ([f"${new.usd:,.4f}"] if new.usd is not None else []) + (
+            [f"{new.tokens:,} tokens"] if new.tokens is not None else [])
+        say(f"{spec_id}: budget now {' and '.join(parts) or 'unlimited'}")
+
+    run_async(go())
 
 
 @app.command()
@@ -511,6 +580,7 @@ class FollowState:
     spec_id: str | None = None
     phase: Phase | None = None
     interrupted: Interrupted | None = None
+    budget_wait: tuple[Any, ...] | None = None  # the budget pause last hinted at
 
 
 def _commands_suffix(address: str | None) -> str:
@@ -519,28 +589,51 @@ def _commands_suffix(address: str | None) -> str:
 
 async def follow(rc: RelayClient, spec_id: str, answer_mode: str, *, address: str | None = None,
                  state: FollowState | None = None) -> int:
-    """Print phase changes until the run ends; answer questions per `answer_mode`.
+    """Print every step of the run as it happens until the run ends; answer questions per
+    `answer_mode`. A live line on a terminal, plain lines otherwise (view.ProgressPrinter).
 
     answer_mode: "interactive" (ask on the terminal; without one, say how and return),
     "auto" (scripted answers), "print" (say which command answers, and keep following),
     "none". `address`: added to the commands it prints, for a server others cannot find alone.
     """
     state = state or FollowState(spec_id)
-    there = _commands_suffix(address)
+    interactive = answer_mode == "interactive" and sys.stdin.isatty()
+    web_ui = rc.web_ui_url(spec_id)
+    say(f"{spec_id}: following its progress" + (f" · Web UI: {web_ui}" if web_ui else ""))
+    printer = view.ProgressPrinter(out, web_ui)
+    try:
+        return await _follow(rc, spec_id, answer_mode, _commands_suffix(address), state, printer,
+                             interactive, asyncio.get_running_loop().time(), web_ui)
+    finally:
+        printer.close()
+
+
+async def _follow(rc: RelayClient, spec_id: str, answer_mode: str, there: str,
+                  state: FollowState, printer: Any, interactive: bool, began: float,
+                  web_ui: str | None) -> int:
     last = None
     answered_round = 0
-    asked_approval = False
-    interactive = answer_mode == "interactive" and sys.stdin.isatty()
+    asked_approval = hinted = False
     while True:
-        st = await rc.status(spec_id)
+        # only the events not seen yet: every one is printed once, in order (none is skipped
+        # between two polls, as phases were when only the current phase was read)
+        st = await rc.status(spec_id, after=printer.seq)
         state.phase = st.phase
-        line = view.progress_line(st)
-        if line != last:
-            out.print(line, soft_wrap=True)  # progress_line is markup, escaped where it must be
-            last = line
+        if st.progress_seq == 0 and st.iteration:  # a run from a worker without progress events
+            line = view.progress_line(st)
+            if line != last:
+                out.print(line, soft_wrap=True)  # progress_line is markup, escaped where it must be
+                last = line
+        printer.show(st)
+        if (st.phase == Phase.starting and not st.progress_seq and not hinted
+                and asyncio.get_running_loop().time() - began > 10):
+            hinted = True
+            say(f"{spec_id} has not started yet: is a relay worker running on task queue "
+                f"{rc.settings.task_queue!r} of this server? (relay dev, or relay worker)")
         if st.phase in TERMINAL:
             break
         if st.pending and st.pending.round > answered_round:
+            printer.pause()
             answered_round = st.pending.round  # each round is handled once
             if answer_mode == "auto" or interactive:
                 view.print_questions(out, st.pending.questions)
@@ -555,38 +648,85 @@ async def follow(rc: RelayClient, spec_id: str, answer_mode: str, *, address: st
                         say("answered elsewhere (another terminal, the Web UI or the SDK)")
                     else:
                         await _answer(rc, spec_id, given)
-            elif answer_mode != "none":
-                if answer_mode == "print":
+            else:
+                if answer_mode in ("print", "none"):
                     view.print_questions(out, st.pending.questions)
                 say(f"waiting for answers: run relay answer {spec_id}{there}")
                 if answer_mode == "interactive":
                     return 0
+        wait = st.budget_wait if st.phase == Phase.waiting_for_budget else None
+        if wait is not None and (wait.role, wait.turn, wait.step) != state.budget_wait:
+            state.budget_wait = (wait.role, wait.turn, wait.step)
+            say(f"waiting for budget: {wait.reason}. Raise it: relay budget {spec_id}{there} "
+                + view.budget_option(st.budget))
         if st.phase == Phase.waiting_for_approval and not asked_approval:
             asked_approval = True
+            printer.pause()
+            _approval_view(st)
             if answer_mode == "auto":
-                say(f"waiting for {st.waiting_for}")
+                say("approving (--auto-answer)")
                 await rc.approve(spec_id, reviewer="auto")
             elif interactive:
-                say(f"waiting for {st.waiting_for}")
                 say(f"(or from another terminal: relay approve {spec_id}{there})")
-                decided = await _ask_while(rc, spec_id, _decide(),
+                decided = await _ask_while(rc, spec_id, _decide(rc, spec_id),
                                            lambda s: s.phase == Phase.waiting_for_approval)
                 if decided is None:
                     say("decided elsewhere (another terminal, the Web UI or the SDK)")
                 else:
                     await _deliver(rc, spec_id, decided)
-            elif answer_mode != "none":
+            else:
                 say(f"waiting for approval: run relay approve {spec_id}{there} or "
                     f"relay reject {spec_id}{there} --reason ...")
                 if answer_mode == "interactive":
                     return 0
         await asyncio.sleep(0.25)
+    printer.close()
     try:
-        view.print_result(out, await rc.result(spec_id))
+        view.print_result(out, await rc.result(spec_id), web_ui=web_ui)
         return 0
     except SpecFailed as exc:
         fail(exc)
+        if web_ui:
+            say(f"Web UI: {web_ui}")
         return 1
+
+
+def _approval_view(st: Any) -> None:
+    """What the reviewer decides on: the merge, the verdict, the checks, the diff stat, where."""
+    ws = st.workspace
+    out.print(Text(f"Waiting for approval: merge {ws.branch} into {ws.target} of {ws.repo}"
+                   if ws else "Waiting for approval", style="bold"), soft_wrap=True)
+    if st.review is not None:
+        view.print_review(out, st.review, st.spec_id)
+
+
+async def _show_diff(rc: RelayClient, spec_id: str) -> None:
+    d = await rc.diff(spec_id)
+    if d.note and not d.diff:
+        say(d.note)
+        return
+    page(lambda console: view.print_diff(console, d))
+
+
+def page(show: Any) -> None:
+    """`show(console)` through a pager on a terminal ($PAGER, else less), plainly otherwise."""
+    import shutil
+    import subprocess
+
+    pager = os.environ.get("PAGER") or ("less" if shutil.which("less") else None)
+    if not (out.is_terminal and sys.stdin.isatty()) or not pager:
+        show(out)
+        return
+    buffer = Console(file=__import__("io").StringIO(), force_terminal=True, highlight=False,
+                     width=out.width, color_system=out.color_system)
+    show(buffer)
+    env = {**os.environ, "LESS": os.environ.get("LESS", "-R -F -X")}
+    _flush()
+    try:
+        subprocess.run(pager, shell=True, input=buffer.file.getvalue(), text=True, env=env,
+                       check=False)
+    except OSError:
+        show(out)
 
 
 async def _answer(rc: RelayClient, spec_id: str, given: dict[str, str]) -> None:
@@ -596,9 +736,18 @@ async def _answer(rc: RelayClient, spec_id: str, given: dict[str, str]) -> None:
         err.print(Text(str(exc), style="yellow"), soft_wrap=True)
 
 
-async def _decide() -> tuple[bool, str | None]:
-    if await confirm("Approve delivery?", default=True):
-        return True, None
+async def _decide(rc: RelayClient, spec_id: str) -> tuple[bool, str | None]:
+    while True:
+        reply = (await read_line("Approve delivery? [bold][Y/n/d][/bold] (d: read the diff) ")
+                 ).strip().lower()
+        if reply in {"d", "diff"}:
+            await _show_diff(rc, spec_id)
+            continue
+        if reply in {"", "y", "yes"}:
+            return True, None
+        if reply in {"n", "no"}:
+            break
+        out.print("[yellow]Please answer y, n or d.[/yellow]")
     return False, (await read_line("Reason: ")).strip() or "rejected at the terminal"
 
 

@@ -20,6 +20,7 @@ from collections.abc import Callable, Mapping
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import quote
 
 from pydantic import BaseModel, ValidationError
 from sqlalchemy.engine import make_url
@@ -46,10 +47,13 @@ from temporalio.service import RPCError, RPCStatusCode
 from relay import one_line
 from relay.ledger import EffectRecord, Ledger
 from relay.models import (
-    WORKFLOW_TYPE, AnswerAck, AnswerInput, ApprovalInput, CompensationInput, CompensationReport,
+    WORKFLOW_TYPE, AnswerAck, AnswerInput, ApprovalInput, ChangeDiff, CompensationInput,
+    CompensationReport, ProgressEvent,
+    Budget, RaiseBudgetInput, SpecCost,
     Decision, HookEffect, Limits, PipelineResult, RejectInput, Role, SpecInput, Status,
     WorkspaceInput, spec_id_problem,
 )
+from relay.pricing import spec_cost
 from relay.registry import AgentSession, Registry, SessionMessage
 from relay.settings import RelaySettings, load_settings, setting_problem
 
@@ -528,7 +532,8 @@ class RelayClient:
             raise InvalidSettings(setting_problem(exc)) from None
 
     def _spec_input(self, request: str, *, iterate: bool, limits: Any, workspace: Any,
-                    auto_approve: Any, hooks: Any) -> SpecInput:
+                    auto_approve: Any, hooks: Any, budget_usd: Any = None,
+                    budget_tokens: Any = None) -> SpecInput:
         """The start input, every part checked, small enough for Temporal."""
         checked = self._limits(limits)
         check_request(request, checked.max_request_bytes)
@@ -538,7 +543,10 @@ class RelayClient:
         spec = SpecInput(
             request=request, iterate=iterate, limits=checked, auto_approve=auto_approve,
             workspace=check_workspace(check_model(WorkspaceInput, workspace or {}, "workspace")),
-            hooks=[check_model(HookEffect, hook, "hook") for hook in hooks or []])
+            hooks=[check_model(HookEffect, hook, "hook") for hook in hooks or []],
+            # the spec's own budget, else the settings' (RELAY_BUDGET_USD/_TOKENS; unset: none)
+            budget_usd=self.settings.budget_usd if budget_usd is None else budget_usd,
+            budget_tokens=self.settings.budget_tokens if budget_tokens is None else budget_tokens)
         check_payload(spec, "the request")
         return spec
 
@@ -547,15 +555,20 @@ class RelayClient:
     @relay_errors
     async def run(self, request: str, *, spec_id: str | None = None,
                   limits: Limits | None = None, workspace: WorkspaceInput | None = None,
-                  auto_approve: bool = False, hooks: list[HookEffect] | None = None) -> str:
+                  auto_approve: bool = False, hooks: list[HookEffect] | None = None,
+                  budget_usd: float | None = None, budget_tokens: int | None = None) -> str:
         """Start a new spec; returns its id (the workflow id).
+
+        `budget_usd`, `budget_tokens`: the spec's budget over all its agents and iterations
+        (default: the settings' RELAY_BUDGET_USD / RELAY_BUDGET_TOKENS; unset: no limit).
 
         `workspace`: the git repository the agents work on (default: a fresh one relay
         creates); `auto_approve`: deliver without waiting for a human.
         """
         spec_id = check_spec_id(spec_id) if spec_id is not None else new_spec_id()
         spec = self._spec_input(request, iterate=False, limits=limits, workspace=workspace,
-                                auto_approve=auto_approve, hooks=hooks)
+                                auto_approve=auto_approve, hooks=hooks, budget_usd=budget_usd,
+                                budget_tokens=budget_tokens)
         try:
             await self.temporal.start_workflow(
                 WORKFLOW_TYPE, spec, id=spec_id, task_queue=self.settings.task_queue,
@@ -573,11 +586,14 @@ class RelayClient:
     @relay_errors
     async def iterate(self, spec_id: str, change_request: str, *, limits: Limits | None = None,
                       workspace: WorkspaceInput | None = None, auto_approve: bool = False,
-                      hooks: list[HookEffect] | None = None) -> str:
-        """Start the next iteration of a finished spec; all five agents resume their sessions."""
+                      hooks: list[HookEffect] | None = None, budget_usd: float | None = None,
+                      budget_tokens: int | None = None) -> str:
+        """Start the next iteration of a finished spec; all five agents resume their sessions.
+        The spec keeps one budget over all iterations: a budget given here can only raise it."""
         check_spec_ref(spec_id)
         spec = self._spec_input(change_request, iterate=True, limits=limits, workspace=workspace,
-                                auto_approve=auto_approve, hooks=hooks)
+                                auto_approve=auto_approve, hooks=hooks, budget_usd=budget_usd,
+                                budget_tokens=budget_tokens)
         desc = await self._describe(spec_id)
         if desc.status == ExecStatus.RUNNING:
             raise SpecAlreadyRunning(f"spec {spec_id} is still running; wait for it or cancel it first")
@@ -656,6 +672,37 @@ class RelayClient:
             raise _rpc_error(exc, spec_id) from None
 
     @relay_errors
+    async def budget(self, spec_id: str, *, add_usd: float | None = None,
+                     add_tokens: int | None = None) -> Budget:
+        """Raise a running spec's budget (the `raise_budget` update); returns the new budget.
+        A spec waiting_for_budget goes on where it stopped; nothing already paid is paid again."""
+        check_spec_ref(spec_id)
+        try:
+            payload = RaiseBudgetInput(add_usd=add_usd, add_tokens=add_tokens)
+        except (ValidationError, ValueError) as exc:
+            problem = (validation_problem(exc) if isinstance(exc, ValidationError)
+                       else one_line(exc))
+            raise InvalidRequest(f"invalid budget raise: {problem}") from None
+        try:
+            return await self._handle(spec_id).execute_update(
+                "raise_budget", payload.model_dump(exclude_none=True), result_type=Budget,
+                rpc_timeout=timedelta(seconds=30))
+        except WorkflowUpdateFailedError as exc:
+            cause = exc.cause
+            raise InvalidRequest(f"budget raise refused: "
+                                 f"{one_line(getattr(cause, 'message', None) or cause)}") from None
+        except RPCError as exc:
+            raise _rpc_error(exc, spec_id) from None
+
+    @relay_errors
+    def cost(self, spec_id: str) -> SpecCost:
+        """What the spec has cost, from the registry (every session, every iteration), priced
+        with this client's price table (RELAY_PRICES over the built-in one)."""
+        check_spec_ref(spec_id)
+        self.sessions(spec_id)  # SpecNotFound for an unknown spec
+        return spec_cost(*self.registry.spend(spec_id), self.settings.price_table())
+
+    @relay_errors
     async def compensate(self, spec_id: str) -> CompensationReport:
         """Re-run the compensations still pending for a spec that is not running."""
         check_spec_ref(spec_id)
@@ -701,12 +748,17 @@ class RelayClient:
     # --- reading state -------------------------------------------------------------------
 
     @relay_errors
-    async def status(self, spec_id: str) -> Status:
+    async def status(self, spec_id: str, *, after: int | None = None) -> Status:
+        """The spec's state. `after=K`: its `progress` holds only the events numbered above K
+        (what a watcher has not seen yet); `progress_seq` is the newest event's number."""
         check_spec_ref(spec_id)
-        st = await self._status_of(spec_id)
+        if after is not None and (not isinstance(after, int) or isinstance(after, bool)
+                                  or after < 0):
+            raise InvalidRequest(f"after must be a whole number >= 0, not {after!r}")
+        st = await self._status_of(spec_id, after=after)
         if st.stray_run and (real := await self._real_run(spec_id)) is not None:
             # a run started outside relay on this id was refused: the spec is its last real run
-            shown = await self._status_of(spec_id, real)
+            shown = await self._status_of(spec_id, real, after=after)
             shown.stray_run = f"a run started outside relay on this spec id failed ({st.stray_run})"
             return shown
         return st
@@ -722,10 +774,15 @@ class RelayClient:
             return None
         return spec.last_run_id
 
-    async def _status_of(self, spec_id: str, run_id: str | None = None) -> Status:
+    async def _status_of(self, spec_id: str, run_id: str | None = None, *,
+                         after: int | None = None) -> Status:
         try:
-            return await self._handle(spec_id, run_id).query(
-                "status", result_type=Status, rpc_timeout=timedelta(seconds=20))
+            st = await self._handle(spec_id, run_id).query(
+                "status", *([] if after is None else [{"after": after}]), result_type=Status,
+                rpc_timeout=timedelta(seconds=20))
+            if after is not None:  # a worker from before `after` existed sends every event
+                st.progress = [e for e in st.progress if e.seq > after]
+            return st
         except RPCError as exc:
             raise _rpc_error(exc, spec_id) from None
         except (WorkflowQueryFailedError, WorkflowQueryRejectedError) as exc:
@@ -733,6 +790,44 @@ class RelayClient:
         except RPCTimeoutOrCancelledError:
             raise RelayError(f"Temporal did not answer in time for spec {spec_id} "
                              "(is a relay worker running?)") from None
+
+    @relay_errors
+    async def progress(self, spec_id: str, after: int = 0) -> list[ProgressEvent]:
+        """The run's progress events numbered above `after`, oldest first (the status keeps the
+        last PROGRESS_KEPT; the numbers tell a reader when older ones were missed)."""
+        return (await self.status(spec_id, after=after)).progress
+
+    @relay_errors
+    async def diff(self, spec_id: str) -> ChangeDiff:
+        """The validated change of the spec's current run: diff stat and diff, as a worker
+        computed them when the validator approved (capped; `truncated` says so). Before that,
+        empty, with a `note` saying why."""
+        check_spec_ref(spec_id)
+        try:
+            return await self._handle(spec_id).query(
+                "diff", result_type=ChangeDiff, rpc_timeout=timedelta(seconds=20))
+        except RPCError as exc:
+            raise _rpc_error(exc, spec_id) from None
+        except (WorkflowQueryFailedError, WorkflowQueryRejectedError) as exc:
+            raise RelayError(f"the diff of spec {spec_id} cannot be read: {one_line(exc)}") from None
+        except RPCTimeoutOrCancelledError:
+            raise RelayError(f"Temporal did not answer in time for spec {spec_id} "
+                             "(is a relay worker running?)") from None
+
+    def web_ui_url(self, spec_id: str) -> str | None:
+        """The spec's page in the Temporal Web UI, or None when relay does not know the UI:
+        RELAY_WEB_UI_URL (e.g. http://localhost:8233), else the running `relay dev`'s UI when
+        this client talks to its server."""
+        base = os.environ.get("RELAY_WEB_UI_URL", "").strip().rstrip("/")
+        if not base:
+            dev = running_dev(self.settings.data_dir)
+            config = getattr(getattr(self.temporal, "service_client", None), "config", None)
+            if dev and dev.get("ui") and getattr(config, "target_host", None) == dev.get("address"):
+                base = str(dev["ui"]).rstrip("/")
+        if not base or not isinstance(spec_id, str):
+            return None
+        namespace = getattr(self.temporal, "namespace", None) or self.settings.namespace
+        return f"{base}/namespaces/{quote(namespace, safe='')}/workflows/{quote(spec_id, safe='')}"
 
     @relay_errors
     async def registry_problem(self, spec_id: str | None = None, timeout: float = 5.0) -> str | None:

@@ -8,6 +8,7 @@ Every field added later must carry a default so running workflows keep decoding.
 from __future__ import annotations
 
 import re
+from datetime import datetime
 from enum import Enum
 from typing import Any, Literal
 
@@ -173,6 +174,12 @@ class WorkspaceInput(BaseModel):
     target: str = Field(default="main", min_length=1, description="Branch the change is delivered to")
     check: str | None = Field(default=None, description="Check command run by the validator")
 
+    @field_validator("check")
+    @classmethod
+    def _blank_check_is_none(cls, value: str | None) -> str | None:
+        """A command of only spaces would "pass" (the shell exits 0): it is no command."""
+        return (value.strip() or None) if isinstance(value, str) else value
+
 
 class HookEffect(BaseModel):
     """An adopter's registered effect, run by the pipeline at a stage."""
@@ -182,6 +189,30 @@ class HookEffect(BaseModel):
     effect: str
     payload: dict[str, Any] = Field(default_factory=dict)
     at: Literal["prepare", "deliver"] = "prepare"
+
+
+MAX_BUDGET_USD = 1_000_000.0
+MAX_BUDGET_TOKENS = 10**12
+
+
+class Budget(BaseModel):
+    """One budget per spec, shared by all five agents across iterations; None: no limit."""
+
+    usd: float | None = None
+    tokens: int | None = None
+
+
+class RaiseBudgetInput(BaseModel):
+    """What the `raise_budget` update (and `raise_budget_signal`) adds: {"add_usd": 2.0}."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    add_usd: float | None = Field(default=None, gt=0, le=MAX_BUDGET_USD, allow_inf_nan=False)
+    add_tokens: int | None = Field(default=None, gt=0, le=MAX_BUDGET_TOKENS)
+
+    def model_post_init(self, _ctx: object) -> None:
+        if self.add_usd is None and self.add_tokens is None:
+            raise ValueError('give add_usd and/or add_tokens, e.g. {"add_usd": 2.0}')
 
 
 class SpecInput(BaseModel):
@@ -195,6 +226,13 @@ class SpecInput(BaseModel):
     workspace: WorkspaceInput = Field(default_factory=WorkspaceInput)
     auto_approve: bool = Field(default=False, description="Deliver without waiting for a human")
     hooks: list[HookEffect] = Field(default_factory=list)
+    budget_usd: float | None = Field(
+        default=None, gt=0, le=MAX_BUDGET_USD, allow_inf_nan=False,
+        description="The spec's budget in USD, all agents and iterations; null: no limit")
+    budget_tokens: int | None = Field(
+        default=None, gt=0, le=MAX_BUDGET_TOKENS,
+        description="The spec's budget in tokens (input, output, cache read and write); "
+                    "null: no limit")
 
 
 class ApprovalInput(BaseModel):
@@ -249,6 +287,52 @@ class TokenUsage(BaseModel):
         )
 
 
+class Cost(BaseModel):
+    """What a spec (or a role) cost: recorded usage x the price table of the model that
+    answered, plus model calls whose answer was lost (sent, never recorded) as possibly billed,
+    at their pre-call estimate (an upper bound)."""
+
+    usd: float = 0.0
+    tokens: int = Field(default=0, description="input + output + cache read + cache write")
+    calls: int = Field(default=0, description="recorded model answers")
+    possibly_billed_calls: int = 0
+    possibly_billed_usd: float = 0.0
+    possibly_billed_tokens: int = 0
+    unpriced_models: list[str] = Field(
+        default_factory=list, description="models with no price: their tokens count, not in usd")
+
+    def __add__(self, other: Cost) -> Cost:
+        return Cost(
+            usd=self.usd + other.usd, tokens=self.tokens + other.tokens,
+            calls=self.calls + other.calls,
+            possibly_billed_calls=self.possibly_billed_calls + other.possibly_billed_calls,
+            possibly_billed_usd=self.possibly_billed_usd + other.possibly_billed_usd,
+            possibly_billed_tokens=self.possibly_billed_tokens + other.possibly_billed_tokens,
+            unpriced_models=sorted(set(self.unpriced_models) | set(other.unpriced_models)))
+
+
+class SpecCost(BaseModel):
+    """A spec's cost over all its sessions and iterations, in total and per role."""
+
+    total: Cost = Field(default_factory=Cost)
+    by_role: dict[str, Cost] = Field(default_factory=dict)
+
+
+class BudgetWait(BaseModel):
+    """Why a spec waits for budget: the call it would make and what is spent already."""
+
+    role: Role
+    turn: int
+    step: int = 0
+    estimate_tokens: int = 0
+    estimate_usd: float | None = None
+    spent_tokens: int = 0
+    spent_usd: float = 0.0
+    budget: Budget = Field(default_factory=Budget)
+    reason: str = ""
+    spend: SpecCost | None = None
+
+
 class SessionRef(BaseModel):
     role: Role
     session_id: str
@@ -263,6 +347,7 @@ class OpenSpecInput(BaseModel):
     request: str
     iterate: bool = False
     workspace: WorkspaceInput | None = None
+    budget: Budget | None = Field(default=None, description="this run's budget (raises only)")
 
 
 class OpenSpecResult(BaseModel):
@@ -272,6 +357,8 @@ class OpenSpecResult(BaseModel):
     sessions: list[SessionRef]
     workspace: WorkspaceInput | None = Field(
         default=None, description="The spec's workspace: an iteration without a path reuses it")
+    budget: Budget | None = Field(default=None, description="The spec's budget, as recorded")
+    spend: SpecCost | None = Field(default=None, description="What the spec has cost so far")
 
 
 # Kinds of user turn; each has a template file per role under relay/prompts/.
@@ -292,6 +379,14 @@ class WorkspaceRef(BaseModel):
     base: str = ""
 
 
+class ToolUse(BaseModel):
+    """One workspace tool call of a turn, as progress shows it: `write_file greeting.py`."""
+
+    name: str
+    path: str | None = None
+    error: bool = False
+
+
 class AgentTurnInput(BaseModel):
     spec_id: str
     role: Role
@@ -302,6 +397,7 @@ class AgentTurnInput(BaseModel):
     workspace: WorkspaceRef | None = None
     max_tool_steps: int = 25
     check_timeout_s: float = 300
+    budget: Budget | None = Field(default=None, description="checked before every model call")
 
 
 class AgentTurnResult(BaseModel):
@@ -320,6 +416,12 @@ class AgentTurnResult(BaseModel):
     changed_paths: list[str] = Field(default_factory=list)
     unsandboxed_checks: bool = Field(
         default=False, description="A check ran outside the sandbox (RELAY_UNSANDBOXED_CHECKS=1)")
+    spend: SpecCost | None = Field(default=None, description="The spec's cost after this turn")
+    cost_usd: float | None = Field(default=None, description="What this attempt paid (as usage)")
+    tool_uses: list[ToolUse] = Field(
+        default_factory=list, description="The turn's workspace tool calls, in order, with paths")
+    check_report: str | None = Field(
+        default=None, description="The tail of the turn's last run_checks output (validator)")
 
 
 class EffectInput(BaseModel):
@@ -389,6 +491,7 @@ class SessionStateInput(BaseModel):
     spec_status: str | None = None
     outcome: str | None = None
     error: str | None = None
+    budget: Budget | None = Field(default=None, description="recorded for the next iteration")
 
 
 # --- query / result -------------------------------------------------------------
@@ -403,6 +506,7 @@ class Phase(str, Enum):
     constructing = "constructing"
     validating = "validating"
     waiting_for_approval = "waiting_for_approval"
+    waiting_for_budget = "waiting_for_budget"
     delivering = "delivering"
     compensating = "compensating"
     completed = "completed"
@@ -416,6 +520,91 @@ REJECTED_KEPT = 20
 class PendingQuestions(BaseModel):
     round: int
     questions: list[Question]
+
+
+PROGRESS_KEPT = 100  # progress events a spec's status keeps (the newest); all are numbered
+REVIEW_DIFF_MAX = 128_000  # characters of the validated diff kept in workflow state
+
+
+class ProgressEvent(BaseModel):
+    """One step of a run, as it happened: what `relay watch` prints, numbered from 1.
+
+    Built in workflow code from workflow.now(): `at` is always set explicitly."""
+
+    seq: int
+    at: datetime | None = None
+    kind: str = Field(description="opened, workspace, phase, turn, answers, commit, review, "
+                                  "decision, delivered, compensated")
+    phase: str | None = None
+    role: str | None = None
+    turn: int | None = None
+    text: str = Field(default="", description="The line a person reads")
+    detail: str | None = Field(default=None, description="Lines shown under it (a failing check)")
+    elapsed_s: float | None = Field(default=None, description="How long the step took")
+    usage: TokenUsage | None = None
+    cost_usd: float | None = None
+    tools: list[ToolUse] = Field(default_factory=list)
+    verdict: str | None = Field(default=None, description="approved / rejected (auditor, validator)")
+
+
+class ReviewFile(BaseModel):
+    path: str
+    added: int | None = None  # None: a binary file
+    deleted: int | None = None
+
+
+class Review(BaseModel):
+    """What a reviewer needs at approval: the validated change, the verdict and the checks."""
+
+    commit: str | None = Field(default=None, description="The validated commit")
+    base: str | None = Field(default=None, description="The target's commit the branch was cut from")
+    repo: str | None = None
+    branch: str | None = None
+    target: str | None = None
+    worktree: str | None = None
+    approved: bool | None = Field(default=None, description="The validator's verdict")
+    failures: list[str] = Field(default_factory=list)
+    check_command: str | None = None
+    check_report: str | None = Field(default=None, description="The tail of the check output")
+    diff_stat: str = ""
+    files: list[ReviewFile] = Field(default_factory=list)
+    insertions: int = 0
+    deletions: int = 0
+    diff_chars: int = Field(default=0, description="Size of the whole diff")
+    diff_truncated: bool = False
+    diff_error: str | None = Field(default=None, description="Why the diff could not be read")
+
+
+class DescribeChangeInput(BaseModel):
+    repo: str
+    base: str
+    commit: str
+    max_chars: int = REVIEW_DIFF_MAX
+
+
+class ChangeDescription(BaseModel):
+    """The validated change as git has it (computed on a worker, which has the repository)."""
+
+    stat: str = ""
+    files: list[ReviewFile] = Field(default_factory=list)
+    insertions: int = 0
+    deletions: int = 0
+    diff: str = ""
+    diff_chars: int = 0
+    truncated: bool = False
+
+
+class ChangeDiff(BaseModel):
+    """The `diff` query: the validated change of the current run (empty before validation)."""
+
+    spec_id: str
+    commit: str | None = None
+    base: str | None = None
+    stat: str = ""
+    diff: str = ""
+    diff_chars: int = 0
+    truncated: bool = False
+    note: str | None = Field(default=None, description="Why there is no diff (yet)")
 
 
 class Status(BaseModel):
@@ -443,6 +632,16 @@ class Status(BaseModel):
     delivery: dict[str, Any] | None = None
     validated_commit: str | None = Field(
         default=None, description="the commit the validator checked; delivery merges exactly it")
+    cost: Cost | None = Field(default=None, description="the spec's cost, all iterations")
+    cost_by_role: dict[str, Cost] = Field(default_factory=dict)
+    budget: Budget | None = None
+    budget_wait: BudgetWait | None = Field(
+        default=None, description="while waiting_for_budget: the call that would exceed it")
+    started_at: datetime | None = Field(default=None, description="when this run started")
+    progress: list[ProgressEvent] = Field(
+        default_factory=list, description=f"the last {PROGRESS_KEPT} progress events, oldest first")
+    progress_seq: int = Field(default=0, description="the number of the newest progress event")
+    review: Review | None = Field(default=None, description="the validated change, for approval")
     stray_run: str | None = Field(
         default=None, description="a run started on this spec id outside relay (raw CLI, Web UI) "
                                   "that was refused without touching the spec, and why")
@@ -465,3 +664,9 @@ class PipelineResult(BaseModel):
     needs_human: list[EffectRef] = Field(default_factory=list)
     decision: Decision | None = None
     validated_commit: str | None = None
+    cost: Cost | None = None
+    cost_by_role: dict[str, Cost] = Field(default_factory=dict)
+    budget: Budget | None = None
+    repository: str | None = Field(default=None, description="the repository worked on")
+    worktree: str | None = None
+    review: Review | None = None

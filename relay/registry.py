@@ -48,6 +48,9 @@ class SpecRecord(SQLModel, table=True):
     status: str = "running"
     outcome: str | None = None
     workspace: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON))
+    # one budget for the spec, all agents and iterations (None: no limit); raised, never lowered
+    budget_usd: float | None = None
+    budget_tokens: int | None = None
     created_at: datetime = Field(default_factory=utcnow)
     updated_at: datetime = Field(default_factory=utcnow)
 
@@ -97,6 +100,28 @@ class SessionMessage(SQLModel, table=True):
     output_tokens: int = 0
     cache_read_tokens: int = 0
     cache_write_tokens: int = 0
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class PossiblyBilled(SQLModel, table=True):
+    """A model call that may have been paid for but whose answer was never recorded: its
+    attempt died holding the turn (sent, never recorded), or a concurrent attempt recorded the
+    step first and this one's paid answer was discarded. Counted beside the recorded cost."""
+
+    __tablename__ = "relay_possibly_billed"
+    __table_args__ = (UniqueConstraint("session_id", "turn", "step", "owner",
+                                       name="uq_possibly_billed_call"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    spec_id: str = Field(index=True)
+    session_id: str = Field(foreign_key="relay_agent_session.id")
+    turn: int
+    step: int
+    owner: str  # the activity attempt whose call it was
+    reason: str  # attempt_lost | duplicate_discarded
+    model: str | None = None
+    tokens: int = 0  # the pre-call estimate (an upper bound), or the discarded answer's usage
+    usd: float | None = None  # None: the model has no price
     created_at: datetime = Field(default_factory=utcnow)
 
 
@@ -219,6 +244,15 @@ def _release(owner: str) -> Update:
             .values(lease_owner=None, lease_until=None))
 
 
+def _raised(budget: tuple[float | None, int | None],
+            given: tuple[float | None, int | None]) -> tuple[float | None, int | None]:
+    """Each part of the budget: the larger of the two; a given None leaves it as it is."""
+    def up(old: Any, new: Any) -> Any:
+        return old if new is None else (new if old is None else max(old, new))
+
+    return up(budget[0], given[0]), up(budget[1], given[1])
+
+
 class Registry:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
@@ -238,18 +272,24 @@ class Registry:
     # --- specs ------------------------------------------------------------------
 
     def open_spec(self, spec_id: str, run_id: str, request: str, iterate: bool,
-                  workspace: dict[str, Any] | None = None) -> SpecRecord:
+                  workspace: dict[str, Any] | None = None,
+                  budget: tuple[float | None, int | None] | None = None) -> SpecRecord:
         """Record the start of a run; idempotent per run id. A run naming a workspace path
-        makes it the spec's workspace; one that names none keeps the spec's."""
+        makes it the spec's workspace; one that names none keeps the spec's. A run's budget
+        (usd, tokens) can only raise the spec's: it is one budget over all iterations."""
         with Session(self.engine) as db:
             spec = db.get(SpecRecord, spec_id)
             if spec is not None and spec.last_run_id == run_id:
                 return spec
+            if spec is not None and budget is not None:
+                spec.budget_usd, spec.budget_tokens = _raised(
+                    (spec.budget_usd, spec.budget_tokens), budget)
             if spec is None:
                 if iterate:
                     raise SpecConflict(f"unknown spec {spec_id!r}: nothing to iterate")
                 spec = SpecRecord(spec_id=spec_id, request=request, last_run_id=run_id,
-                                  workspace=workspace)
+                                  workspace=workspace, budget_usd=(budget or (None, None))[0],
+                                  budget_tokens=(budget or (None, None))[1])
             else:
                 if not iterate:
                     raise SpecConflict(
@@ -267,6 +307,59 @@ class Registry:
             db.commit()
             db.refresh(spec)
             return spec
+
+    def set_budget(self, spec_id: str, usd: float | None, tokens: int | None) -> None:
+        """Record a raised budget for the spec's next iterations (never lowers it)."""
+        with Session(self.engine) as db:
+            spec = db.get(SpecRecord, spec_id)
+            if spec is None:
+                return
+            raised = _raised((spec.budget_usd, spec.budget_tokens), (usd, tokens))
+            if raised != (spec.budget_usd, spec.budget_tokens):
+                spec.budget_usd, spec.budget_tokens = raised
+                db.add(spec)
+                db.commit()
+
+    def spend(self, spec_id: str) -> tuple[list[tuple[str, str | None, int, int, int, int, int]],
+                                           list[tuple[str, int, float | None]]]:
+        """What the spec has used, from the recorded answers of all its sessions (all
+        iterations): (role, model, answers, input, output, cache read, cache write) per session
+        and model, and its possibly-billed calls (role, tokens, usd). One read transaction."""
+        m, s = SessionMessage, AgentSession
+        with Session(self.engine) as db:
+            usage = db.exec(
+                select(s.role, m.model, func.count(), func.sum(m.input_tokens),
+                       func.sum(m.output_tokens), func.sum(m.cache_read_tokens),
+                       func.sum(m.cache_write_tokens))
+                .join(s, s.id == m.session_id)  # type: ignore[arg-type]
+                .where(s.spec_id == spec_id, m.role == "assistant")
+                .group_by(s.role, m.model)).all()
+            billed = db.exec(
+                select(s.role, PossiblyBilled.tokens, PossiblyBilled.usd)
+                .join(s, s.id == PossiblyBilled.session_id)  # type: ignore[arg-type]
+                .where(PossiblyBilled.spec_id == spec_id)).all()
+        return ([(r, model, int(n), int(a or 0), int(b or 0), int(c or 0), int(d or 0))
+                 for r, model, n, a, b, c, d in usage],
+                [(r, int(t or 0), u) for r, t, u in billed])
+
+    def record_possibly_billed(self, spec_id: str, session_id: str, *, turn: int, step: int,
+                               owner: str, reason: str, model: str | None, tokens: int,
+                               usd: float | None) -> bool:
+        """Count one possibly-billed call; idempotent per (session, turn, step, owner)."""
+        try:
+            with Session(self.engine) as db:
+                db.add(PossiblyBilled(spec_id=spec_id, session_id=session_id, turn=turn,
+                                      step=step, owner=owner, reason=reason, model=model,
+                                      tokens=tokens, usd=usd))
+                db.commit()
+                return True
+        except IntegrityError:
+            return False
+
+    def possibly_billed(self, spec_id: str) -> list[PossiblyBilled]:
+        with Session(self.engine) as db:
+            return list(db.exec(select(PossiblyBilled).where(PossiblyBilled.spec_id == spec_id)
+                                .order_by(PossiblyBilled.id)).all())  # type: ignore[arg-type]
 
     def spec(self, spec_id: str) -> SpecRecord | None:
         with Session(self.engine) as db:
@@ -331,7 +424,8 @@ class Registry:
         for _ in range(2):
             with Session(self.engine, expire_on_commit=False) as db:
                 session = db.exec(select(AgentSession).where(
-                    AgentSession.spec_id == spec_id, AgentSession.role == Role(role).value)).first()
+                    AgentSession.spec_id == spec_id, AgentSession.role == Role(role).value)
+                    .with_for_update()).first()  # the holder read here is the one replaced
                 if session is not None:
                     leased = db.connection().execute(
                         _claim(session.id, lease_owner, lease_ttl_s, supersede)).rowcount == 1
@@ -354,6 +448,18 @@ class Registry:
         ours: taken; held by another live attempt: False."""
         with self.engine.begin() as conn:
             return conn.execute(_claim(session_id, owner, ttl_s, supersede)).rowcount == 1
+
+    def take_turn(self, session_id: str, owner: str, ttl_s: float,
+                  supersede: str | None = None) -> tuple[bool, str | None]:
+        """claim_turn, and the other attempt whose lapsed lease it took over (None if the
+        lease was free, ours or superseded): that attempt died holding the turn."""
+        with Session(self.engine) as db:
+            held = db.exec(select(AgentSession.lease_owner)
+                           .where(AgentSession.id == session_id).with_for_update()).first()
+            taken = db.connection().execute(
+                _claim(session_id, owner, ttl_s, supersede)).rowcount == 1
+            db.commit()
+        return taken, (held if taken and held not in (None, owner, supersede) else None)
 
     def extend_turn(self, session_id: str, owner: str, ttl_s: float) -> bool:
         """Renew a lease this owner still holds; False if it ended or was taken over."""

@@ -16,9 +16,14 @@ from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from relay import one_line
-from relay.models import Limits
+from relay.models import Limits, SpecInput
 
 SECRET_SETTINGS = {"anthropic_api_key", "database_url"}  # never echoed in an error
+
+
+def like_spec(name: str) -> FieldInfo:
+    """The default and bounds of `SpecInput.<name>` (the budget a spec may set itself)."""
+    return copy(SpecInput.model_fields[name])
 
 
 def like_limits(name: str) -> FieldInfo:
@@ -60,6 +65,12 @@ class RelaySettings(BaseSettings):
     effect_max_attempts: int = like_limits("effect_max_attempts")
     compensation_max_attempts: int = like_limits("compensation_max_attempts")
 
+    # One budget per spec (all agents, all iterations); unset: no limit. A spec may set its own.
+    budget_usd: float | None = like_spec("budget_usd")
+    budget_tokens: int | None = like_spec("budget_tokens")
+    prices: str | None = Field(
+        default=None, description="price table overrides: JSON, or a .json/.toml file path")
+
     max_cached_workflows: int = Field(default=1000, ge=0, description="worker's sticky cache")
     max_concurrent_activities: int = Field(default=100, ge=1)
 
@@ -74,6 +85,25 @@ class RelaySettings(BaseSettings):
     @classmethod
     def _lower(cls, value: object) -> object:
         return value.strip().lower() if isinstance(value, str) else value
+
+    @field_validator("budget_usd", "budget_tokens", "prices", mode="before")
+    @classmethod
+    def _blank_is_unset(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("prices")
+    @classmethod
+    def _prices_parse(cls, value: str | None) -> str | None:
+        if value is not None:
+            from relay.pricing import parse_prices
+
+            parse_prices(value)  # a bad table is refused when settings load (PricesInvalid)
+        return value
+
+    def price_table(self) -> Any:
+        from relay.pricing import load_prices
+
+        return load_prices(self.prices)
 
     @field_validator("anthropic_api_key", "anthropic_base_url", "database_url", mode="before")
     @classmethod

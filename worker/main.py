@@ -24,6 +24,7 @@ from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxR
 from activities import AgentTurnActivities, RegistryActivities
 from activities.effects import EffectActivities, EffectExecutor
 from activities.git_effects import git_effects
+from activities.review import ReviewActivities
 from activities.workspace import WorkspaceActivities
 from relay.client import connect_settings
 from relay.client import connect_temporal as connect
@@ -104,9 +105,10 @@ def build_worker(client: Client, *, task_queue: str, registry: Registry,
                  effects: EffectRegistry | None = None, **options: object) -> Worker:
     executor = EffectExecutor(Ledger(registry), effect_registry(settings, effects),
                               settings.data_dir.resolve(), Failpoints(settings.failpoints))
+    prices = settings.price_table()  # RELAY_PRICES over the built-in table
     turns = AgentTurnActivities(registry, endpoint.client, endpoint.model, settings.max_tokens,
-                                executor=executor)
-    bookkeeping = RegistryActivities(registry)
+                                executor=executor, prices=prices)
+    bookkeeping = RegistryActivities(registry, prices)
     side_effects = EffectActivities(executor)
     workspace = WorkspaceActivities(executor, settings.data_dir)
     return Worker(
@@ -116,7 +118,7 @@ def build_worker(client: Client, *, task_queue: str, registry: Registry,
         activities=[turns.agent_turn, bookkeeping.open_spec, bookkeeping.set_session_states,
                     side_effects.run_effect, side_effects.pending_compensations,
                     side_effects.compensate_effect, side_effects.mark_needs_human,
-                    workspace.prepare_workspace],
+                    workspace.prepare_workspace, ReviewActivities().describe_change],
         workflow_runner=SandboxedWorkflowRunner(
             restrictions=SandboxRestrictions.default.with_passthrough_modules(
                 "structlog", "relay.models", "workflows.render")),

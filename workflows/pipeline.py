@@ -32,6 +32,10 @@ with workflow.unsafe.imports_passed_through():
         Question, REJECTED_KEPT, RejectInput, Role, SessionStateInput, SpecInput, Status, Validation,
         WorkspaceInput, WorkspaceRef, spec_id_problem,
     )
+    from relay.models import Budget, BudgetWait, RaiseBudgetInput, SpecCost
+    from relay.models import (
+        PROGRESS_KEPT, ChangeDescription, ChangeDiff, DescribeChangeInput, ProgressEvent, Review,
+    )
     from relay.converter import Undecodable
     from workflows import render, saga
     from workflows.outage import through_outages
@@ -48,6 +52,18 @@ OUTCOME = SearchAttributeKey.for_keyword(OUTCOME_SEARCH_ATTRIBUTE)
 WORKSPACE_PATCH = "relay-workspace-1"
 # Runs that ended before the RelayOutcome search attribute existed replay without its upsert.
 OUTCOME_PATCH = "relay-outcome-1"
+# Runs validated before the reviewer's diff existed replay without its describe_change activity.
+REVIEW_PATCH = "relay-review-1"
+
+# Progress (`relay watch`, the demo): every step is a numbered event kept in the status (the
+# last PROGRESS_KEPT), and a watcher asks the status query for "events after number K". Why
+# not temporalio.contrib.workflow_streams (experimental): its subscribers long-poll through
+# updates, and every accepted update writes two events into the spec's history, for as long as
+# someone watches — a spec that waits a week for a human would fill its history with polls.
+# A query writes nothing, needs no handler beyond `status`, works for the raw CLI and the Web
+# UI's Queries tab, and relay's steps are seconds apart, so a 0.25 s poll that asks for what
+# it has not seen misses nothing (events are numbered; a watcher that fell PROGRESS_KEPT
+# events behind is told how many it missed).
 
 
 class SpecFailed(Exception):
@@ -87,6 +103,11 @@ class SpecPipeline:
         self._effects_begun = False
         self._compensated: list[EffectRef] = []
         self._head: str | None = None
+        self._diff: ChangeDescription | None = None
+        # one budget for the spec; raises (update or signal) count up, a waiting turn watches
+        self._budget = Budget(usd=self._input.budget_usd, tokens=self._input.budget_tokens)
+        self._budget_raises = 0
+        self._status.budget = self._budget
 
     # --- run ---------------------------------------------------------------------
 
@@ -94,6 +115,7 @@ class SpecPipeline:
     async def run(self, *args: Any) -> PipelineResult:
         inp = self._input
         workspaces = workflow.patched(WORKSPACE_PATCH)
+        self._status.started_at = workflow.now()
         try:
             if self._input_problem:
                 raise SpecFailed(self._input_problem)
@@ -125,7 +147,11 @@ class SpecPipeline:
                 delivery=self._status.delivery, decision=self._status.decision,
                 branch=self._status.workspace.branch if self._status.workspace else None,
                 compensated=self._compensated, needs_human=self._status.needs_human,
-                validated_commit=self._status.validated_commit)
+                validated_commit=self._status.validated_commit,
+                repository=self._status.workspace.repo if self._status.workspace else None,
+                worktree=self._status.workspace.worktree if self._status.workspace else None,
+                review=self._status.review, cost=self._status.cost,
+                cost_by_role=self._status.cost_by_role, budget=self._status.budget)
         except (asyncio.CancelledError, ActivityError) as err:
             if isinstance(err, ActivityError) and not _cancelled(err):
                 await self._fail(f"{_reason(err)}")
@@ -164,7 +190,7 @@ class SpecPipeline:
             opened = await workflow.execute_activity(
                 "open_spec", OpenSpecInput(spec_id=info.workflow_id, run_id=info.run_id,
                                            request=inp.request, iterate=inp.iterate,
-                                           workspace=inp.workspace),
+                                           workspace=inp.workspace, budget=self._budget),
                 result_type=OpenSpecResult, summary="open spec in registry", **BOOKKEEPING)
         except ActivityError as err:
             if isinstance(err.cause, ApplicationError) and err.cause.type == "SpecConflict":
@@ -177,7 +203,14 @@ class SpecPipeline:
         self._status.iteration = opened.iteration
         self._status.sessions = opened.sessions
         self._turns = {s.role: s.turns for s in opened.sessions}
+        if opened.budget is not None:  # the spec's own, over all iterations (raised, never lowered)
+            self._budget = self._status.budget = opened.budget
+        self._spent(opened.spend)
         log.info("spec.opened", iteration=opened.iteration)
+        resumed = sum(1 for s in opened.sessions if s.turns)
+        self._event("opened", f"iteration {opened.iteration} opened: "
+                    + (f"{resumed} agents resume their sessions" if resumed
+                       else f"{len(opened.sessions)} new agent sessions"))
         return opened
 
     async def _close(self, phase: Phase, *, session_state: str, spec_status: str) -> None:
@@ -196,7 +229,8 @@ class SpecPipeline:
             "set_session_states",
             SessionStateInput(spec_id=self._status.spec_id, state=session_state, roles=roles,
                               spec_status=spec_status, outcome=self._status.outcome,
-                              error=self._status.error),
+                              error=self._status.error,
+                              budget=self._budget if self._budget_raises else None),
             summary=f"close spec: {spec_status}", **BOOKKEEPING)
 
     # --- the three stages ------------------------------------------------------------
@@ -259,14 +293,16 @@ class SpecPipeline:
         for round_no in range(1, self._limits.max_fix_rounds + 1):
             self._status.rounds["validate"] = round_no
             self._set_phase(Phase.validating, Role.validator)
-            validation = Validation.model_validate((await self._turn(
+            checked = await self._turn(
                 Role.validator, "validate", spec=spec, plan=render.plan(plan),
-                change=render.change(change))).output)
+                change=render.change(change))
+            validation = Validation.model_validate(checked.output)
             if validation.approved or round_no == self._limits.max_fix_rounds:
                 if not validation.approved:
                     self._flag("change_not_approved")
                 else:
                     self._status.validated_commit = self._head
+                    await self._review(validation, checked)
                 return change, validation
             self._set_phase(Phase.constructing, Role.constructor)
             built = await self._turn(Role.constructor, "fix",
@@ -282,6 +318,10 @@ class SpecPipeline:
         turn = self._turns[role]
         self._session_state(role, "running")
         limits = self._limits
+        began = workflow.now()
+        raises = self._budget_raises
+        budget = self._budget if self._budget.usd is not None or self._budget.tokens is not None \
+            else None
         try:
             result = await through_outages(lambda: workflow.execute_activity(
                 "agent_turn",
@@ -289,7 +329,7 @@ class SpecPipeline:
                                variables=variables, iteration=self._status.iteration,
                                workspace=self._status.workspace,
                                max_tool_steps=limits.max_tool_steps,
-                               check_timeout_s=limits.check_timeout_s),
+                               check_timeout_s=limits.check_timeout_s, budget=budget),
                 result_type=AgentTurnResult,
                 start_to_close_timeout=timedelta(
                     seconds=limits.turn_timeout_s + (limits.check_timeout_s if self._status.workspace else 0)),
@@ -303,10 +343,15 @@ class SpecPipeline:
         except ActivityError as err:
             if _cancelled(err):
                 raise asyncio.CancelledError() from None
+            if _budget_exhausted(err):  # refused before paying: wait for a raise, then the
+                await self._wait_for_budget(role, err, raises)  # same turn again (its recorded
+                self._turns[role] = turn - 1                     # steps are reused, not re-paid)
+                return await self._turn(role, kind, **variables)
             self._session_state(role, "failed" if _is_invalid_output(err) else "idle")
             raise SpecFailed(f"{role.value} turn {turn} failed: {_reason(err)}") from None
         self._session_state(role, "idle")
         _stop_if_cancelled()
+        self._spent(result.spend)
         self._status.usage = self._status.usage + result.usage
         by_role = self._status.usage_by_role
         by_role[role.value] = by_role[role.value] + result.usage if role.value in by_role else result.usage
@@ -316,7 +361,131 @@ class SpecPipeline:
             self._flag(f"{role.value}_output_repaired")
         if result.unsandboxed_checks:
             self._flag("checks_ran_unsandboxed")
+        self._turn_event(role, turn, kind, result, (workflow.now() - began).total_seconds())
         return result
+
+    def _turn_event(self, role: Role, turn: int, kind: str, result: AgentTurnResult,
+                    elapsed_s: float) -> None:
+        verdict, said = render.verdict(role.value, result.output)
+        u = result.usage
+        cost = render.usd(getattr(result, "cost_usd", None) or getattr(result, "cost", None))
+        uses = list(getattr(result, "tool_uses", None) or [])
+        failed_check = role == Role.validator and verdict == "rejected"
+        self._event("turn", render.turn_text(
+            role.value, turn, kind, said, elapsed_s,
+            u.input_tokens + u.cache_read_input_tokens + u.cache_creation_input_tokens,
+            u.output_tokens, cost, uses, result.tool_calls, result.replayed),
+            role=role.value, turn=turn, elapsed_s=round(elapsed_s, 3), usage=u, cost_usd=cost,
+            tools=uses[:50], verdict=verdict,
+            detail=render.check_tail(getattr(result, "check_report", None)) if failed_check else None)
+
+    async def _review(self, validation: Validation, checked: AgentTurnResult) -> None:
+        """What the reviewer reads at approval: the verdict, the checks' tail and the validated
+        change's diff, described by a worker (which has the repository)."""
+        ws = self._status.workspace
+        if ws is None or not workflow.patched(REVIEW_PATCH):
+            return
+        review = Review(commit=self._head, base=ws.base or None, repo=ws.repo, branch=ws.branch,
+                        target=ws.target, worktree=ws.worktree, approved=validation.approved,
+                        failures=validation.failures, check_command=ws.check,
+                        check_report=getattr(checked, "check_report", None))
+        if self._head and ws.base:
+            try:
+                self._diff = await workflow.execute_activity(
+                    "describe_change", DescribeChangeInput(repo=ws.repo, base=ws.base,
+                                                           commit=self._head),
+                    result_type=ChangeDescription, summary="describe the validated change",
+                    **BOOKKEEPING)
+                review.diff_stat, review.files = self._diff.stat, self._diff.files
+                review.insertions, review.deletions = self._diff.insertions, self._diff.deletions
+                review.diff_chars, review.diff_truncated = self._diff.diff_chars, self._diff.truncated
+            except ActivityError as err:  # the reviewer still sees the verdict and the checks
+                if _cancelled(err):
+                    raise asyncio.CancelledError() from None
+                review.diff_error = _reason(err)
+        self._status.review = review
+        self._event("review", "validated change: "
+                    + (render.change_stat(review) if not review.diff_error
+                       else f"diff unavailable ({review.diff_error})")
+                    + (f" · commit {review.commit[:12]}" if review.commit else ""))
+
+    # --- cost and budget -------------------------------------------------------------------
+
+    def _spent(self, spend: SpecCost | None) -> None:
+        """The spec's cost as the newest turn (or open_spec) read it from the registry."""
+        if spend is not None:
+            self._status.cost, self._status.cost_by_role = spend.total, spend.by_role
+
+    async def _wait_for_budget(self, role: Role, err: ActivityError, raises: int) -> None:
+        """The turn's next model call would exceed the budget (nothing was paid for it): wait
+        in waiting_for_budget until the budget is raised. A raise that arrived while the turn
+        ran is not waited for again."""
+        cause = err.cause
+        try:
+            wait = BudgetWait.model_validate(cause.details[0])  # type: ignore[union-attr]
+        except (ValidationError, IndexError, TypeError, AttributeError):
+            wait = BudgetWait(role=role, turn=self._turns.get(role, 0), budget=self._budget,
+                              reason=_reason(err))
+        self._spent(wait.spend)
+        wait.spend = None  # shown once, as the status' cost
+        log.info("budget.exhausted", role=role.value, reason=wait.reason)
+        if self._budget_raises != raises:
+            return
+        before = (self._status.phase, self._status.current_role)
+        self._status.budget_wait = wait
+        self._status.waiting_for = (
+            f"a budget raise: {wait.reason}; send the `raise_budget` update with "
+            + " or ".join(render.budget_payloads(self._status)))
+        self._session_state(role, "waiting")
+        self._set_phase(Phase.waiting_for_budget, role)
+        await workflow.wait_condition(lambda: self._budget_raises != raises)
+        # not in `finally`: a cancelled wait goes straight to compensation
+        self._status.budget_wait = self._status.waiting_for = None
+        self._session_state(role, "running")
+        self._set_phase(*before)
+
+    @workflow.update
+    def raise_budget(self, *args: Any) -> Budget:
+        """Raise the spec's budget: {"add_usd": 2.0} and/or {"add_tokens": 100000}."""
+        return self._raise_budget(self._check_raise(args))
+
+    @raise_budget.validator
+    def _validate_raise_budget(self, *args: Any) -> None:
+        self._check_raise(args)
+
+    @workflow.signal
+    def raise_budget_signal(self, *args: Any) -> None:
+        """Same as the `raise_budget` update, for senders that cannot wait."""
+        try:
+            add = self._check_raise(args)
+        except (ValueError, ValidationError, TypeError) as err:
+            self._reject(f"raise_budget_signal rejected: {_one_line(str(err))}")
+            return
+        self._raise_budget(add)
+
+    def _check_raise(self, args: tuple[Any, ...]) -> RaiseBudgetInput:
+        try:
+            add = RaiseBudgetInput.model_validate(_single(args, empty_is=None))
+        except ValidationError as err:
+            raise ValueError(_one_line(str(err))) from None
+        if self._status.phase in (Phase.completed, Phase.failed, Phase.cancelled):
+            raise ValueError(f"the spec has ended (phase: {self._status.phase.value})")
+        unlimited = [name for name, given, limit in (
+            ("USD", add.add_usd, self._budget.usd), ("token", add.add_tokens, self._budget.tokens))
+            if given is not None and limit is None]
+        if unlimited:
+            raise ValueError(f"this spec has no {' or '.join(unlimited)} budget (no limit): "
+                             "nothing to raise")
+        return add
+
+    def _raise_budget(self, add: RaiseBudgetInput) -> Budget:
+        b = self._budget
+        self._budget = self._status.budget = Budget(
+            usd=None if b.usd is None else b.usd + (add.add_usd or 0),
+            tokens=None if b.tokens is None else b.tokens + (add.add_tokens or 0))
+        self._budget_raises += 1
+        log.info("budget.raised", usd=self._budget.usd, tokens=self._budget.tokens)
+        return self._budget
 
     # --- the workspace and its side effects (a saga) --------------------------------------
 
@@ -329,6 +498,10 @@ class SpecPipeline:
                                       workspace=workspace),
                 result_type=WorkspaceRef, summary="prepare branch and worktree",
                 **self._effect_options()), "prepare workspace")
+            ws = self._status.workspace
+            self._event("workspace", f"workspace: branch {ws.branch} from {ws.target} of "
+                        f"{ws.repo}, worktree {ws.worktree}"
+                        + (f", check `{ws.check}`" if ws.check else ""))
             _stop_if_cancelled()
             for index, hook in enumerate(h for h in inp.hooks if h.at == "prepare"):
                 await self._effect(f"hook/prepare/{index}", hook.effect, hook.payload,
@@ -350,6 +523,11 @@ class SpecPipeline:
                        f"round {round_no}: {summary}"[:200]})
         # the branch head now: what the validator will check, and all that delivery may merge
         self._head = committed.result.get("commit") or committed.result.get("parent")
+        self._event("commit", f"committed round {round_no} on {ws.branch}: "
+                    + (f"{str(self._head)[:12]}, " if self._head else "")
+                    + (", ".join(built.changed_paths[:10]) or "no file changed")
+                    + (f" and {len(built.changed_paths) - 10} more"
+                       if len(built.changed_paths) > 10 else ""))
 
     async def _effect(self, step: str, effect: str, payload: dict[str, Any], *,
                       reversible_only: bool = False, irreversible: bool = False,
@@ -399,12 +577,16 @@ class SpecPipeline:
         self._status.waiting_for = (
             f"approval to merge {ws.branch if ws else 'the change'} into "
             f"{ws.target if ws else 'the target'}: send the `approve` update "
-            f"(relay approve {self._status.spec_id}) or `reject` with a reason")
+            f"or `reject` with a reason")
         self._set_phase(Phase.waiting_for_approval, None)
         await workflow.wait_condition(lambda: self._decision is not None)
         self._status.waiting_for = None
         self._status.decision = self._decision
         assert self._decision is not None
+        d = self._decision
+        self._event("decision", f"{'approved' if d.approved else 'rejected'} by "
+                    f"{d.reviewer or 'a reviewer'}" + (f": {d.reason}" if d.reason else ""),
+                    verdict="approved" if d.approved else "rejected")
         return self._decision
 
     async def _deliver(self, inp: SpecInput) -> None:
@@ -428,6 +610,8 @@ class SpecPipeline:
             delivered = await merge
             self._flag("cancel_arrived_during_delivery")
         self._status.delivery = delivered.result
+        self._event("delivered", f"merged {ws.branch} into {ws.target} of {ws.repo} at "
+                    f"{str(delivered.result.get('commit'))[:12]}")
         if (delivered.result.get("recheck") or {}).get("unsandboxed"):
             self._flag("checks_ran_unsandboxed")
         # After the merge the run is final: what follows can fail without undoing it.
@@ -450,6 +634,8 @@ class SpecPipeline:
                                             self._limits)
         self._compensated += done
         self._status.needs_human += stuck
+        self._event("compensated", f"compensated {len(done)} effect(s), newest first"
+                    + (f"; {len(stuck)} need a human (relay compensate)" if stuck else ""))
         if stuck:
             self._flag("needs_human")
         self._effects_begun = False
@@ -530,6 +716,8 @@ class SpecPipeline:
             raise
         # not in `finally`: a workflow evicted from the cache must not touch workflow state
         self._status.pending = None
+        self._event("answers", f"answers received for {render.question_ids(questions)}"
+                    if answers is not None else "no answers before the deadline: going on")
         self._session_state(Role.clarifier, "idle")
         self._set_phase(Phase.clarifying, Role.clarifier)
         return answers
@@ -580,10 +768,29 @@ class SpecPipeline:
         kept.append(reason)
         del kept[:-REJECTED_KEPT]
         log.warning("input.rejected", reason=reason)
+        self._event("refused", reason)
 
     @workflow.query
-    def status(self, *_args: Any) -> Status:
-        return self._status
+    def status(self, *args: Any) -> Status:
+        """The spec's state. `{"after": K}` (or K): only the progress events numbered above K
+        (a watcher's poll); any other argument is ignored."""
+        after = _after(args)
+        if after is None:
+            return self._status
+        return self._status.model_copy(
+            update={"progress": [e for e in self._status.progress if e.seq > after]})
+
+    @workflow.query
+    def diff(self, *_args: Any) -> ChangeDiff:
+        """The validated change: its diff stat and diff (empty, with a note, before that)."""
+        review, got = self._status.review, self._diff
+        if got is None:
+            note = (review.diff_error if review and review.diff_error
+                    else f"no validated change yet (phase: {self._status.phase.value})")
+            return ChangeDiff(spec_id=self._status.spec_id, note=note)
+        return ChangeDiff(spec_id=self._status.spec_id, commit=review.commit if review else None,
+                          base=review.base if review else None, stat=got.stat, diff=got.diff,
+                          diff_chars=got.diff_chars, truncated=got.truncated)
 
     # --- state shown to people ------------------------------------------------------------
 
@@ -591,6 +798,17 @@ class SpecPipeline:
         self._status.phase, self._status.current_role = phase, role
         workflow.upsert_search_attributes([PHASE.value_set(phase.value)])
         workflow.set_current_details(render.details(self._status))
+        self._event("phase", render.phase_text(self._status, self._limits),
+                    role=role.value if role else None)
+
+    def _event(self, kind: str, text: str, **fields: Any) -> None:
+        """Append a numbered progress event; the status keeps the last PROGRESS_KEPT."""
+        st = self._status
+        st.progress_seq += 1
+        st.progress.append(ProgressEvent(seq=st.progress_seq, at=workflow.now(), kind=kind,
+                                         phase=st.phase.value, text=_one_line(text, 600),
+                                         **fields))
+        del st.progress[:-PROGRESS_KEPT]
 
     def _session_state(self, role: Role, state: str) -> None:
         for ref in self._status.sessions:
@@ -602,6 +820,16 @@ class SpecPipeline:
     def _flag(self, flag: str) -> None:
         if flag not in self._status.flags:
             self._status.flags.append(flag)
+
+
+def _after(args: tuple[Any, ...]) -> int | None:
+    """K from a status query's `{"after": K}` or `K`; None for anything else."""
+    value = args[0] if len(args) == 1 else None
+    if isinstance(value, dict):
+        value = value.get("after")
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    return None
 
 
 def _single(args: tuple[Any, ...], *, empty_is: Any) -> Any:
@@ -632,3 +860,8 @@ def _is_invalid_output(err: ActivityError) -> bool:
     """The session itself is unusable (the agent marked it failed): not an idle one."""
     return isinstance(err.cause, ApplicationError) and err.cause.type in (
         "InvalidModelOutput", "ModelRefused")
+
+
+def _budget_exhausted(err: ActivityError) -> bool:
+    """The turn was refused before its next model call: it would exceed the spec's budget."""
+    return isinstance(err.cause, ApplicationError) and err.cause.type == "BudgetExhausted"

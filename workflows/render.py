@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 
-from relay.models import Change, Phase, Plan, Question, Status
+from typing import Any
+
+from relay.models import Change, Limits, Phase, Plan, Question, Review, Status, ToolUse
 
 
 def bullets(items: list[str]) -> str:
@@ -43,6 +45,30 @@ def answers_payload(questions: list[Question]) -> str:
 
 APPROVE_PAYLOAD = '{"reviewer": "your name"}'
 REJECT_PAYLOAD = '{"reason": "why not"}'
+BUDGET_PAYLOAD = '{"add_usd": 2.0}'
+BUDGET_TOKENS_PAYLOAD = '{"add_tokens": 100000}'
+
+
+def usd_text(value: float | None) -> str:
+    return "-" if value is None else f"${value:,.4f}"
+
+
+def budget_payloads(status: Status) -> list[str]:
+    """The raise payloads that fit the spec's budget (a part with no limit cannot be raised)."""
+    b = status.budget
+    return ([BUDGET_PAYLOAD] if b is None or b.usd is not None else []) + (
+        [BUDGET_TOKENS_PAYLOAD] if b is not None and b.tokens is not None else [])
+
+
+def budget_text(status: Status) -> str:
+    """ "$1.2345 of $5.0000 · 120,000 of 200,000 tokens" (what is spent of what is allowed)."""
+    b, c = status.budget, status.cost
+    parts = []
+    if b is not None and b.usd is not None:
+        parts.append(f"{usd_text(c.usd + c.possibly_billed_usd if c else 0.0)} of {usd_text(b.usd)}")
+    if b is not None and b.tokens is not None:
+        parts.append(f"{(c.tokens + c.possibly_billed_tokens if c else 0):,} of {b.tokens:,} tokens")
+    return " · ".join(parts) or "no budget"
 _ENDED = {Phase.completed, Phase.failed, Phase.cancelled}
 
 
@@ -74,10 +100,20 @@ def details(status: Status) -> str:
         target = (f"merge branch `{ws.branch}` into `{ws.target}`" if ws
                   else "deliver the validated change")
         lines.append(f"Waiting for a human to approve: {target}.")
+        if status.review is not None:
+            lines += review_details(status.review)
         lines.append("Send it from **More Actions → Send an Update** (or **Send a Signal**):")
         lines.append(f"- approve: update `approve` (signal `approve_signal`), JSON "
                      f"`{APPROVE_PAYLOAD}`\n"
                      f"- reject: update `reject` (signal `reject_signal`), JSON `{REJECT_PAYLOAD}`")
+    elif phase == Phase.waiting_for_budget:
+        wait = status.budget_wait
+        lines.append(f"Waiting for a **budget raise**: {wait.reason if wait else 'over budget'}.")
+        lines.append(f"Spent (all iterations): {budget_text(status)}.")
+        lines.append("Raise it from **More Actions → Send an Update**: update `raise_budget` "
+                     "(or from **Send a Signal** the signal `raise_budget_signal`) with JSON "
+                     + " or ".join(f"`{p}`" for p in budget_payloads(status))
+                     + "; the agent then goes on where it stopped, nothing paid twice.")
     elif phase not in _ENDED:
         who = f"the {status.current_role.value}" if status.current_role else "relay"
         lines.append(f"Nothing to send now: {who} is working.")
@@ -90,3 +126,163 @@ def details(status: Status) -> str:
     if status.error:
         lines.append(f"error: {status.error}")
     return "\n\n".join(lines)
+
+
+# --- progress: one line per step, for `relay watch` and every reader of the status query ----
+
+ENDED_WORDS = {
+    "delivered": "delivered",
+    "rejected": "rejected by the reviewer; the change was rolled back",
+    "change_rejected": "rejected: the validator did not approve the change; it was rolled back",
+    "plan_rejected": "rejected: the auditor did not approve the plan",
+    "approved": "approved by the validator (no workspace to deliver to)",
+}
+
+
+def ended_text(outcome: str | None, phase: Phase) -> str:
+    """How a finished run reads: never "completed" for a rejected or rolled-back one."""
+    if phase == Phase.failed:
+        return "failed"
+    if phase == Phase.cancelled:
+        return "cancelled"
+    return ENDED_WORDS.get(outcome or "", outcome or phase.value)
+
+
+def phase_text(status: Status, limits: Limits) -> str:
+    """The line for a phase transition, e.g. "validating · validator (round 2 of 3)"."""
+    phase, role = status.phase, status.current_role
+    words = phase.value.replace("_", " ")
+    if phase in _ENDED:
+        text = f"ended: {ended_text(status.outcome, phase)}"
+        return f"{text}: {status.error}" if phase == Phase.failed and status.error else text
+    if phase == Phase.waiting_for_answers and status.pending:
+        return (f"waiting for answers (round {status.pending.round}): "
+                + question_ids(status.pending.questions))
+    if phase == Phase.waiting_for_approval:
+        ws = status.workspace
+        return (f"waiting for approval: merge {ws.branch} into {ws.target}" if ws
+                else "waiting for approval")
+    if phase == Phase.waiting_for_budget:
+        wait = status.budget_wait
+        return (f"waiting for budget ({role.value if role else 'agent'}): "
+                f"{budget_text(status)}" + (f"; next call ≈ {wait.estimate_tokens:,} tokens"
+                                             + (f" / {usd_text(wait.estimate_usd)}"
+                                                if wait.estimate_usd is not None else "")
+                                             if wait else ""))
+    if phase == Phase.delivering and status.workspace:
+        return f"delivering: merging {status.workspace.branch} into {status.workspace.target}"
+    if phase == Phase.compensating:
+        return "compensating: undoing this run's effects, newest first"
+    text = f"{words} · {role.value}" if role else words
+    rounds = status.rounds
+    if phase == Phase.auditing and "audit" in rounds:
+        text += f" (round {rounds['audit']} of {limits.max_audit_rounds})"
+    elif phase == Phase.planning and rounds.get("audit"):
+        text += f" (revision after audit round {rounds['audit']})"
+    elif phase == Phase.validating and "validate" in rounds:
+        text += f" (round {rounds['validate']} of {limits.max_fix_rounds})"
+    elif phase == Phase.constructing and rounds.get("validate"):
+        text += f" (fix round {rounds['validate'] + 1} of {limits.max_fix_rounds})"
+    return text
+
+
+def tools_text(uses: list[ToolUse], shown: int = 12) -> str:
+    """ "list_files ., write_file greeting.py, run_checks (failed)" """
+    words = [" ".join(filter(None, [u.name, u.path])) + (" (failed)" if u.error else "")
+             for u in uses[:shown]]
+    more = f" and {len(uses) - shown} more" if len(uses) > shown else ""
+    return ", ".join(words) + more
+
+
+def verdict(role: str, output: dict[str, Any]) -> tuple[str | None, str]:
+    """(verdict, what the turn produced) from a role's structured output, for people."""
+    def first(items: Any) -> str:
+        items = [str(i) for i in items or [] if str(i).strip()]
+        return (_cut(items[0], 120) + (f" (+{len(items) - 1} more)" if len(items) > 1 else "")) \
+            if items else "no reason given"
+
+    if role == "clarifier":
+        questions = output.get("questions") or []
+        if questions:
+            return None, "asks " + ", ".join(str(q.get("id")) for q in questions
+                                             if isinstance(q, dict))
+        return None, "the spec is clarified"
+    if role == "planner":
+        return None, f"plan of {len(output.get('steps') or [])} steps"
+    if role in ("auditor", "validator"):
+        what = "plan" if role == "auditor" else "change"
+        if output.get("approved"):
+            return "approved", f"verdict: {what} approved"
+        return "rejected", (f"verdict: {what} rejected: "
+                            + first(output.get("findings") or output.get("failures")))
+    if role == "constructor":
+        return None, str(output.get("summary") or "change made")[:200]
+    return None, ""
+
+
+def _cut(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[:limit - 1].rstrip() + "…"
+
+
+def usd(value: Any) -> float | None:
+    """A cost in USD from whatever carries it (a number, or an object with a usd total)."""
+    for name in ("usd", "total_usd", "cost_usd", "total"):
+        if value is not None and not isinstance(value, (int, float)):
+            value = getattr(value, name, value)
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def turn_text(role: str, turn: int, kind: str, said: str, elapsed_s: float,
+              input_tokens: int, output_tokens: int, cost: float | None,
+              uses: list[ToolUse], tool_calls: int, replayed: bool) -> str:
+    parts = [f"{role} turn {turn} ({kind})", f"{elapsed_s:.1f} s",
+             f"tokens {input_tokens:,} in / {output_tokens:,} out"]
+    if cost is not None:
+        parts.append(f"${cost:.4f}")
+    if replayed:
+        parts.append("replayed from the registry (not paid again)")
+    if uses:
+        parts.append("tools: " + tools_text(uses))
+    elif tool_calls:
+        parts.append(f"{tool_calls} tool call(s)")
+    if said:
+        parts.append(said)
+    return " · ".join(parts)
+
+
+def check_tail(report: str | None, lines: int = 12) -> str | None:
+    """The status line and the last lines of a check's output."""
+    if not report:
+        return None
+    all_lines = [line.rstrip() for line in report.strip().splitlines()]
+    head, rest = all_lines[:2], [line for line in all_lines[2:] if line.strip()]
+    if len(rest) > lines:
+        rest = [f"[{len(rest) - lines} earlier line(s) not shown]"] + (rest[-lines:] if lines else [])
+    return "\n".join(head + rest)
+
+
+def change_stat(review: Review) -> str:
+    """ "2 files changed, +30 -1" """
+    return (f"{len(review.files)} file{'s' if len(review.files) != 1 else ''} changed, "
+            f"+{review.insertions} -{review.deletions}")
+
+
+def review_details(review: Review) -> list[str]:
+    """Markdown paragraphs of what a reviewer needs: verdict, checks, diff stat, worktree."""
+    lines = []
+    commit = f" (validated commit `{review.commit[:12]}`)" if review.commit else ""
+    lines.append(f"**Validator: {'approved' if review.approved else 'rejected'}**{commit}"
+                 + ("" if review.approved else ": " + "; ".join(review.failures)))
+    if review.check_report:
+        tail = check_tail(review.check_report, 10) or ""
+        lines.append("Check output (tail):\n\n```\n" + tail[-1500:] + "\n```")
+    if review.diff_error:
+        lines.append(f"The diff could not be read: {review.diff_error}")
+    elif review.diff_stat:
+        stat = review.diff_stat if len(review.diff_stat) < 2500 else review.diff_stat[-2500:]
+        lines.append(f"Change: {change_stat(review)}\n\n```\n{stat}\n```")
+        lines.append("The whole diff: the `diff` query (Queries tab).")
+    if review.worktree:
+        lines.append(f"Worktree (on the worker): `{review.worktree}`"
+                     + (f" · repository `{review.repo}`" if review.repo else ""))
+    return lines
