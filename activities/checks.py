@@ -67,10 +67,18 @@ def run_check(command: str, cwd: str | Path, timeout_s: float, *,
                     sandboxed=done.sandboxed)
 
 
+# directories a registry file may sit in that cannot be hidden whole (the sandbox needs them):
+# the file itself (and its journal) is hidden instead
+_SYSTEM_DIRS = tuple(Path(p) for p in ("/usr", "/etc", "/bin", "/sbin", "/lib", "/lib32",
+                                       "/lib64", "/libx32", "/proc", "/dev", "/sys"))
+
+
 def hidden_dirs(cwd: str | Path, data_dir: str | Path | None) -> list[Path]:
     """relay's data dirs, wherever they may be: the given one, the one a relay worktree or a
     delivery scratch dir lives in (<data dir>/worktrees/<spec>, <data dir>/deliver/<key>), the
-    configured one and the default `.relay` of the worker's cwd."""
+    configured one (RELAY_DATA_DIR) and the default `.relay` of the worker's cwd; and a SQLite
+    registry's directory (RELAY_DATABASE_URL), wherever it is (its file and journal only, if
+    that directory is / or a system directory the sandbox needs)."""
     found = [Path(data_dir)] if data_dir else []
     parent = Path(cwd).resolve().parent
     if parent.name in ("worktrees", "deliver"):
@@ -78,7 +86,32 @@ def hidden_dirs(cwd: str | Path, data_dir: str | Path | None) -> list[Path]:
     if configured := os.environ.get("RELAY_DATA_DIR"):
         found.append(Path(configured))
     found.append(Path.cwd() / ".relay")
+    found += sqlite_registry_paths(os.environ.get("RELAY_DATABASE_URL", ""))
     return found
+
+
+def sqlite_registry_paths(url: str) -> list[Path]:
+    """What to hide of a SQLite registry URL: its directory, or its files if that directory
+    cannot be hidden; nothing for another database (its server is out of reach: no network)."""
+    url = url.strip()
+    if not url.lower().startswith("sqlite"):
+        return []
+    try:
+        from sqlalchemy.engine import make_url
+
+        database = make_url(url).database or ""
+    except Exception:  # noqa: BLE001 - an invalid URL: hide what its path part names
+        database = url.split("///", 1)[-1] if "///" in url else ""
+    database = database.removeprefix("file:").split("?", 1)[0]
+    if not database or database == ":memory:":
+        return []
+    db = Path(database).expanduser()
+    db = (db if db.is_absolute() else Path.cwd() / db).resolve()
+    directory = db.parent  # (the interpreter, the worktree and the git dir are bound back)
+    if len(directory.parts) < 3 or any(directory == s or s in directory.parents
+                                       for s in _SYSTEM_DIRS):
+        return [db.with_name(db.name + suffix) for suffix in ("", "-journal", "-wal", "-shm")]
+    return [directory]
 
 
 def _tail(raw: bytes, cut_bytes: int = 0) -> str:

@@ -23,9 +23,24 @@ from relay.effects import EffectContext, EffectFailed, EffectRegistry, Payload
 git_effects = EffectRegistry()
 
 IDENTITY = ["-c", "user.name=relay", "-c", "user.email=relay@localhost", "-c", "commit.gpgsign=false"]
-# No hook and no fsmonitor ever runs: a workspace (or the user's checkout) may carry one that
-# model-written code planted, and relay's git runs with relay's rights.
-NO_HOOKS = ["-c", "core.hooksPath=/dev/null", "-c", "core.fsmonitor=false"]
+# No hook, no fsmonitor and no other configured command ever runs: a workspace (or the user's
+# checkout) may carry one that model-written code planted, and relay's git runs with relay's
+# rights. Keys with a fixed name are overridden here (the command line wins over every config
+# file); drivers are named freely (filter.<name>.clean, merge.<name>.driver, ...), so a
+# repository whose config defines one is refused instead (see `_configured_commands`).
+NO_HOOKS = ["-c", "core.hooksPath=/dev/null", "-c", "core.fsmonitor=false",
+            "-c", "core.sshCommand=false", "-c", "core.gitProxy=", "-c", "core.askPass=",
+            "-c", "core.pager=cat", "-c", "core.editor=false", "-c", "sequence.editor=false",
+            "-c", "credential.helper=", "-c", "gpg.program=false", "-c", "gpg.ssh.program=false",
+            "-c", "gpg.x509.program=false", "-c", "merge.verifySignatures=false",
+            "-c", "diff.external=", "-c", "core.alternateRefsCommand=",
+            "-c", "core.attributesFile=/dev/null", "-c", "protocol.ext.allow=never",
+            "-c", "gc.auto=0", "-c", "maintenance.auto=false"]
+# Drivers a .gitattributes line runs by name; defined only in config.
+DRIVER_KEYS = r"^(filter\..+\.(clean|smudge|process)|merge\..+\.driver|diff\..+\.(textconv|command))$"
+# Bigger files are not snapshotted into the ledger (base64 in the registry): writing over or
+# deleting one is refused (a tracked file can still be restored with git).
+MAX_SNAPSHOT_BYTES = 10 << 20
 
 
 class GitError(EffectFailed):
@@ -60,11 +75,28 @@ def git_environment() -> dict[str, str]:
     (which could name a credential helper, a pager, an editor or hooks), no GIT_DIR leaking in."""
     return {"PATH": os.environ.get("PATH") or os.defpath, "HOME": "/nonexistent", "LC_ALL": "C",
             "GIT_TERMINAL_PROMPT": "0", "GIT_OPTIONAL_LOCKS": "0", "GIT_CONFIG_NOSYSTEM": "1",
-            "GIT_CONFIG_GLOBAL": "/dev/null"}
+            "GIT_CONFIG_GLOBAL": "/dev/null", "GIT_ATTR_NOSYSTEM": "1"}
+
+
+def _configured_commands(cwd: str | Path) -> list[str]:
+    """The driver commands the repository's config defines (through includes too), which a
+    .gitattributes line would make relay's git run: relay refuses to work in such a repository.
+    (git-lfs installed with --local is one; relay does not run filters.)"""
+    found = subprocess.run(["git", "config", "--null", "--name-only", "--get-regexp", DRIVER_KEYS],
+                           cwd=cwd, capture_output=True, text=True, env=git_environment(),
+                           stdin=subprocess.DEVNULL, timeout=120)
+    return [key for key in found.stdout.split("\0") if key] if found.returncode == 0 else []
 
 
 def run_git(*args: str, cwd: str | Path) -> subprocess.CompletedProcess[str]:
-    """The one way relay runs git: minimal environment, hooks off, relay's identity."""
+    """The one way relay runs git: minimal environment, hooks and configured commands off,
+    relay's identity. A repository whose config defines a filter, merge or diff driver is
+    refused (GitError): a check or a hostile checkout may have planted it."""
+    if drivers := _configured_commands(cwd):
+        raise GitError(f"the git config of {cwd} defines {', '.join(sorted(drivers)[:5])}: "
+                       "commands git would run on relay's behalf (a filter, merge or diff "
+                       "driver); relay does not run them; remove them from the repository's "
+                       "config (git config --unset ...) and try again")
     return subprocess.run(["git", *NO_HOOKS, *IDENTITY, *args], cwd=cwd, capture_output=True,
                           text=True, env=git_environment(), stdin=subprocess.DEVNULL, timeout=120)
 
@@ -146,11 +178,21 @@ def remove_workspace(ctx: EffectContext, p: Payload, undo: Payload | None, resul
 
 
 def _read(worktree: str, relative: str) -> Payload:
-    """What a compensation needs to put the file back: its bytes, or that it was not there."""
+    """What a compensation needs to put the file back: its bytes, or that it was not there.
+    A file over MAX_SNAPSHOT_BYTES is refused (only its head is ever read)."""
     if safe_fs.kind(worktree, relative) is None:
         return {"existed": False}
-    data = safe_fs.read_bytes(worktree, relative)  # refuses a symlink, a hard link, a directory
+    # refuses a symlink, a hard link, a directory
+    data, size = safe_fs.read_head(worktree, relative, MAX_SNAPSHOT_BYTES + 1)
+    if size > MAX_SNAPSHOT_BYTES or len(data) > MAX_SNAPSHOT_BYTES:
+        raise GitError(too_big_to_snapshot(relative, max(size, len(data))))
     return {"existed": True, "content_b64": base64.b64encode(data).decode()}
+
+
+def too_big_to_snapshot(relative: str, size: int) -> str:
+    return (f"{relative} is {size} bytes; relay keeps a copy of a file before changing it (to "
+            f"undo the change) and does not copy files over {MAX_SNAPSHOT_BYTES >> 20} MB, so "
+            "it is not changed")
 
 
 def _restore(worktree: str, relative: str, undo: Payload | None) -> None:
@@ -190,7 +232,7 @@ def _undo_write(ctx: EffectContext, p: Payload, undo: Payload | None, result: Pa
 @git_effects.effect("git.delete_file", reversible=True)
 def delete_file(ctx: EffectContext, p: Payload) -> Payload:
     with inside(p["worktree"], p["path"]):  # a symlink is removed itself, never its target
-        return {"deleted": safe_fs.unlink(p["worktree"], p["path"])}
+        return {"deleted": safe_fs.unlink(p["worktree"], p["path"], nested_repos=False)}
 
 
 @delete_file.snapshot
@@ -234,6 +276,7 @@ def commit(ctx: EffectContext, p: Payload) -> Payload:
     paths = [path for path in p["paths"] if _stageable(worktree, path)]
     if paths:  # literal: a file named ':(exclude)x' is a file, not a pathspec
         git("--literal-pathspecs", "add", "-A", "-f", "--", *paths, cwd=worktree)
+        _verify_staged(worktree, paths)
     if run_git("diff", "--cached", "--quiet", cwd=worktree).returncode == 0:
         return {"commit": None, "parent": parent}
     git("commit", "-q", "--no-verify", "-m", f"{p['message']}\n\nRelay-Effect: {ctx.key}",
@@ -241,13 +284,47 @@ def commit(ctx: EffectContext, p: Payload) -> Payload:
     return {"commit": git("rev-parse", "HEAD", cwd=worktree), "parent": parent}
 
 
+def _present(worktree: str, path: str) -> bool:
+    try:
+        os.lstat(Path(worktree) / path)
+        return True
+    except FileNotFoundError:
+        return False
+    except (OSError, ValueError) as exc:  # a name too long, a NUL, a loop: never a raw OSError
+        raise GitError(f"{str(path)[:200]!r} cannot be committed: {exc}") from None
+
+
 def _stageable(worktree: str, path: str) -> bool:
     """A path to stage: present now, or tracked (so its deletion is staged)."""
-    full = Path(worktree) / path
-    if full.exists() or full.is_symlink():
+    if _present(worktree, path):
         return True
     return run_git("--literal-pathspecs", "ls-files", "--error-unmatch", "--", path,
                    cwd=worktree).returncode == 0
+
+
+def _verify_staged(worktree: str, paths: list[str]) -> None:
+    """Every path written is in the index now, every path deleted is not: otherwise git
+    silently skipped it (a nested repository a check made, say) and the commit would not be
+    what the agents wrote."""
+    listed = run_git("--literal-pathspecs", "ls-files", "-z", "--cached", "--", *paths,
+                     cwd=worktree)
+    if listed.returncode:
+        raise GitError(f"git ls-files failed in {worktree}: {' '.join(listed.stderr.split())[:400]}")
+    indexed = set(listed.stdout.split("\0"))
+    wrong = [path for path in paths if (path in indexed) != _present(worktree, path)]
+    if wrong:
+        run_git("--literal-pathspecs", "reset", "-q", "--", *paths, cwd=worktree)  # unstaged again
+        raise GitError(f"git did not stage {', '.join(w[:200] for w in wrong[:5])} (a nested "
+                       "git repository or an ignored parent in the way?); the commit would not "
+                       "hold what was written, so nothing was committed")
+
+
+def clean_worktree(worktree: str) -> None:
+    """Put the worktree back at its HEAD, exactly: what a check then runs on is what is
+    committed (a previous check's leftovers, nested repositories included, are removed).
+    Only while everything the agents wrote is committed (the validator's turn)."""
+    git("reset", "-q", "--hard", "HEAD", cwd=worktree)
+    git("clean", "-q", "-ffdx", cwd=worktree)
 
 
 @commit.compensation

@@ -7,7 +7,9 @@ the kernel whole. The worktree root is opened once, and each component is opened
 its parent's descriptor with O_NOFOLLOW, so a symlink anywhere on the way is a refusal, never
 a detour; the leaf is checked through its own descriptor (a regular file with exactly one link)
 before its bytes are read or replaced. Names git would refuse are refused before anything is
-touched, so a write can never produce a file that makes `git add` fail the spec.
+touched, so a write can never produce a file that makes `git add` fail the spec, as are
+components over 255 bytes and paths over 1,024; and a write under a directory holding a `.git`
+(a nested repository, which git would silently not commit) is refused.
 
 Tools and the git file effects both use these primitives: the tools for reads, the effects for
 the writes, deletes, snapshots and compensations the tools request through the ledger.
@@ -34,6 +36,18 @@ _HFS_IGNORED = dict.fromkeys([*range(0x200C, 0x2010), *range(0x202A, 0x202F),
 
 class UnsafePath(Exception):
     """A path the tools will not touch; the message says why, on one line."""
+
+
+MAX_COMPONENT_BYTES = 255  # NAME_MAX of every filesystem git runs on
+MAX_PATH_BYTES = 1024  # the whole relative path: a longer one fails later, in git or the kernel
+
+
+class TooLarge(Exception):
+    """A file over the size a caller reads whole."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__(f"{size} bytes")
+        self.size = size
 
 
 class HardLinked(UnsafePath):
@@ -70,8 +84,14 @@ def parts(relative: str) -> list[str]:
         raise UnsafePath(f"the path is not valid UTF-8: {relative!r}") from None
     if relative.endswith("/"):
         raise UnsafePath(f"a file path cannot end with '/': {relative!r}")
+    if len(relative.encode("utf-8")) > MAX_PATH_BYTES:
+        raise UnsafePath(f"the path is {len(relative.encode('utf-8'))} bytes long; at most "
+                         f"{MAX_PATH_BYTES} are allowed: {relative[:80]!r}...")
     components = relative.split("/")
     for component in components:
+        if len(component.encode("utf-8")) > MAX_COMPONENT_BYTES:
+            raise UnsafePath(f"a path component is {len(component.encode('utf-8'))} bytes long; "
+                             f"at most {MAX_COMPONENT_BYTES} are allowed: {component[:80]!r}...")
         if component in ("", "."):
             raise UnsafePath(f"empty or '.' path components are not allowed: {relative!r}")
         if component == "..":
@@ -120,16 +140,33 @@ def _open_dir(dir_fd: int, name: str, shown: str, create: bool) -> int:
     raise UnsafePath(f"{shown} keeps changing; not touching it")
 
 
+def _refuse_nested_repo(fd: int, shown: str) -> None:
+    """git does not descend into a directory holding a `.git` (a nested repository, which a
+    check may have made): a file written there would silently never be committed."""
+    try:
+        os.stat(".git", dir_fd=fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return
+    except OSError:
+        pass
+    raise UnsafePath(f"{shown} holds a .git (a nested git repository): git would not commit a "
+                     "file in it, so the tools do not touch it")
+
+
 @contextmanager
-def directory(worktree: str, components: list[str], *, create: bool = False) -> Iterator[int]:
+def directory(worktree: str, components: list[str], *, create: bool = False,
+              nested_repos: bool = True) -> Iterator[int]:
     """A descriptor of the directory `components` of the worktree, reached one component at a
-    time without following symlinks (made if missing when `create`). Missing: FileNotFoundError."""
+    time without following symlinks (made if missing when `create`). Missing: FileNotFoundError.
+    Without `nested_repos`, a directory on the way that holds a `.git` is refused."""
     fd = os.open(worktree, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         for depth, name in enumerate(components):
             child = _open_dir(fd, name, "/".join(components[:depth + 1]), create)
             os.close(fd)
             fd = child
+            if not nested_repos:
+                _refuse_nested_repo(fd, "/".join(components[:depth + 1]))
         yield fd
     finally:
         os.close(fd)
@@ -169,9 +206,10 @@ def _files(fd: int, prefix: str,
             os.close(child)
 
 
-def read_at(dir_fd: int, name: str) -> bytes | None:
+def read_at(dir_fd: int, name: str, max_size: int | None = None) -> bytes | None:
     """The bytes of the regular, singly linked file `name` of an open directory, checked on its
-    own descriptor; None if it is anything else by now (it may have been swapped)."""
+    own descriptor; None if it is anything else by now (it may have been swapped). Over
+    `max_size` bytes: TooLarge, and nothing is read."""
     try:
         fd = os.open(name, os.O_RDONLY | _LEAF, dir_fd=dir_fd)
     except OSError:
@@ -180,15 +218,30 @@ def read_at(dir_fd: int, name: str) -> bytes | None:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
             return None
-        return _read_fd(fd, None)
+        if max_size is not None and st.st_size > max_size:
+            raise TooLarge(st.st_size)
+        data = _read_fd(fd, None if max_size is None else max_size + 1)
+        if max_size is not None and len(data) > max_size:  # grown since the fstat
+            raise TooLarge(len(data))
+        return data
     finally:
         os.close(fd)
 
 
+def refuse_nested_repos(worktree: str, relative: str) -> None:
+    """Refuse a path under a directory holding a `.git` (what a write there would meet)."""
+    try:
+        with directory(worktree, parts(relative)[:-1], nested_repos=False):
+            pass
+    except FileNotFoundError:  # the directories that exist were checked on the way
+        pass
+
+
 @contextmanager
-def _parent(worktree: str, relative: str, *, create: bool = False) -> Iterator[tuple[int, str]]:
+def _parent(worktree: str, relative: str, *, create: bool = False,
+            writing: bool = False) -> Iterator[tuple[int, str]]:
     components = parts(relative)
-    with directory(worktree, components[:-1], create=create) as fd:
+    with directory(worktree, components[:-1], create=create, nested_repos=not writing) as fd:
         yield fd, components[-1]
 
 
@@ -284,11 +337,12 @@ def readlink(worktree: str, relative: str) -> str:
 # --- writing -----------------------------------------------------------------------------------
 
 
-def write_bytes(worktree: str, relative: str, data: bytes) -> None:
+def write_bytes(worktree: str, relative: str, data: bytes, *, nested_repos: bool = False) -> None:
     """Create or replace the file's content, making missing directories. The file is opened
     without truncating and checked first, so a hard link or a special file is refused before
-    a byte of it changes."""
-    with _parent(worktree, relative, create=True) as (dir_fd, name):
+    a byte of it changes. A directory on the way holding a `.git` is refused unless
+    `nested_repos` (a compensation putting a file back)."""
+    with _parent(worktree, relative, create=True, writing=not nested_repos) as (dir_fd, name):
         fd = _open_leaf(dir_fd, name, relative, os.O_WRONLY | os.O_CREAT)
         try:
             _check_leaf(fd, relative)
@@ -304,10 +358,10 @@ def replace_bytes(worktree: str, relative: str, data: bytes) -> None:
     """Put `data` at the path even if a hard link sits there now: the link's name is removed
     (the other name, maybe outside, keeps its own content) and a fresh file is written."""
     try:
-        write_bytes(worktree, relative, data)
+        write_bytes(worktree, relative, data, nested_repos=True)
     except HardLinked:
         unlink(worktree, relative, hard_links=True)
-        write_bytes(worktree, relative, data)
+        write_bytes(worktree, relative, data, nested_repos=True)
 
 
 def symlink(worktree: str, relative: str, target: str) -> None:
@@ -315,12 +369,14 @@ def symlink(worktree: str, relative: str, target: str) -> None:
         os.symlink(target, name, dir_fd=dir_fd)
 
 
-def unlink(worktree: str, relative: str, *, hard_links: bool = False) -> bool:
+def unlink(worktree: str, relative: str, *, hard_links: bool = False,
+           nested_repos: bool = True) -> bool:
     """Remove the file or symlink itself (a symlink's target is never touched); False if it
     was not there. A hard-linked file is refused unless `hard_links` (removing our name leaves
-    the other one alone, but the tools refuse such files everywhere)."""
+    the other one alone, but the tools refuse such files everywhere); a file under a directory
+    holding a `.git` unless `nested_repos`."""
     try:
-        with _parent(worktree, relative) as (dir_fd, name):
+        with _parent(worktree, relative, writing=not nested_repos) as (dir_fd, name):
             try:
                 st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
             except FileNotFoundError:

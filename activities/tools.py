@@ -10,6 +10,13 @@ Every error inside a tool, a refusal or a failed effect alike, is a tool error
 the model sees, never an exception that ends the turn; only a registry outage
 is raised, so the turn is retried and replays its recorded tool calls.
 Writes go through the effects ledger (idempotent, compensable).
+
+Bounded: read_file reads only the head of a file, search_text skips (and names) files over
+MAX_SEARCH_BYTES, a file over MAX_SNAPSHOT_BYTES is not overwritten or deleted (its snapshot
+would go into the registry), a path under a nested git repository is refused (git would not
+commit it), and every text for the model is valid UTF-8 (a file name that is not is shown with
+its bytes escaped). The validator's run_checks resets and cleans its worktree to the commit
+before and after the check, so what it checks is exactly what is committed.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from activities import safe_fs
 from activities.checks import run_check
+from activities.git_effects import MAX_SNAPSHOT_BYTES, clean_worktree, too_big_to_snapshot
 from activities.effects import EffectExecutor
 from relay import registry as _registry
 from relay import one_line
@@ -34,6 +42,7 @@ from relay.models import Role, WorkspaceRef
 MAX_READ_BYTES = 64_000
 MAX_LIST = 500
 MAX_MATCHES = 200
+MAX_SEARCH_BYTES = 2 << 20  # bigger files are skipped by search_text (and it says so)
 
 READ_ONLY = ("list_files", "read_file", "search_text")
 ROLE_TOOLS: dict[Role, tuple[str, ...]] = {
@@ -110,15 +119,17 @@ class ToolBox:
                                   f"allowed: {', '.join(ROLE_TOOLS[self.role])}")
             if not isinstance(args, dict):
                 raise ToolRefused("tool input must be a JSON object")
-            return getattr(self, f"_{name}")(args, call_id)
+            outcome = getattr(self, f"_{name}")(args, call_id)
+            outcome.text = clean_text(outcome.text)  # never a lone surrogate to the model
+            return outcome
         except (ToolRefused, safe_fs.UnsafePath) as refusal:
-            return ToolOutcome(f"refused: {_line(refusal)}", is_error=True)
+            return ToolOutcome(f"refused: {clean_text(_line(refusal))}", is_error=True)
         except _OUTAGES:
             raise
         except Exception as exc:  # GitError, EffectFailed, EffectConflict, OSError, ...: the
             # model sees it and may try another way; a failed effect is recorded failed in the
             # ledger by the executor already (and compensated with the rest if the spec fails)
-            return ToolOutcome(f"error: {_line(exc)}", is_error=True)
+            return ToolOutcome(f"error: {clean_text(_line(exc))}", is_error=True)
 
     # --- confinement ------------------------------------------------------------------
 
@@ -190,7 +201,7 @@ class ToolBox:
 
     def _list_files(self, args: dict, _call_id: str) -> ToolOutcome:
         _, relative = self.confine(args.get("path", "."), allow_root=True)
-        files = [path for path, *_ in self._walk(relative)]
+        files = [shown_name(path) for path, *_ in self._walk(relative)]
         shown = files[:MAX_LIST]
         more = f"\n... and {len(files) - MAX_LIST} more" if len(files) > MAX_LIST else ""
         return ToolOutcome("\n".join(shown) + more if shown else "(no files)")
@@ -212,30 +223,48 @@ class ToolBox:
             raise ToolRefused("text to search for is required")
         _, relative = self.confine(args.get("path", "."), allow_root=True)
         matches: list[str] = []
-        with closing(self._contents(relative)) as contents:
+        skipped: list[str] = []
+        with closing(self._contents(relative, skipped)) as contents:
             for path, data in contents:
                 try:
                     lines = data.decode("utf-8").splitlines()
                 except UnicodeDecodeError:
                     continue
-                matches += [f"{path}:{n}: {line}" for n, line in enumerate(lines, 1)
+                matches += [f"{shown_name(path)}:{n}: {line}" for n, line in enumerate(lines, 1)
                             if needle in line]
                 if len(matches) >= MAX_MATCHES:
                     break
-        return ToolOutcome("\n".join(matches[:MAX_MATCHES]) or "(no matches)")
+        text = "\n".join(matches[:MAX_MATCHES]) or "(no matches)"
+        if skipped:
+            text += (f"\n(not searched: {len(skipped)} file(s) over {MAX_SEARCH_BYTES >> 20} MB: "
+                     f"{', '.join(shown_name(p) for p in skipped[:10])}"
+                     f"{', ...' if len(skipped) > 10 else ''})")
+        return ToolOutcome(text)
 
-    def _contents(self, relative: str) -> Iterator[tuple[str, bytes]]:
+    def _contents(self, relative: str, skipped: list[str]) -> Iterator[tuple[str, bytes]]:
         """The files to search: the one named, or the regular files under a directory (a
-        symlink or a hard-linked file may show a file outside the worktree: skipped)."""
+        symlink or a hard-linked file may show a file outside the worktree: skipped). Files
+        over MAX_SEARCH_BYTES are not read: their paths go to `skipped`."""
         kind = "directory" if relative == "." else safe_fs.kind(self.root, relative)
         if kind is None:
             raise ToolRefused(f"{relative} does not exist")
         if kind != "directory":
-            yield relative, safe_fs.read_bytes(self.root, relative)
+            data, size = safe_fs.read_head(self.root, relative, MAX_SEARCH_BYTES + 1)
+            if size > MAX_SEARCH_BYTES or len(data) > MAX_SEARCH_BYTES:
+                skipped.append(relative)
+                return
+            yield relative, data
             return
         for path, dir_fd, name, st in self._walk(relative):
             if stat.S_ISREG(st.st_mode) and st.st_nlink == 1:
-                data = safe_fs.read_at(dir_fd, name)
+                if st.st_size > MAX_SEARCH_BYTES:
+                    skipped.append(path)
+                    continue
+                try:
+                    data = safe_fs.read_at(dir_fd, name, MAX_SEARCH_BYTES)
+                except safe_fs.TooLarge:  # grown since it was listed
+                    skipped.append(path)
+                    continue
                 if data is not None:
                     yield path, data
 
@@ -260,9 +289,11 @@ class ToolBox:
         if not isinstance(content, str):
             raise ToolRefused("content must be a string")
         if not self._replay(call_id):  # refused with the tool's words before any effect exists
+            safe_fs.refuse_nested_repos(self.root, relative)
             st = safe_fs.lstat(self.root, relative)
             if st is not None:
                 safe_fs.refuse_leaf(st, relative)
+                _refuse_big(st, relative)
         return self._effect("git.write_file", relative, call_id, {"content": content})
 
     def _delete_file(self, args: dict, call_id: str) -> ToolOutcome:
@@ -272,13 +303,25 @@ class ToolBox:
             if st is None:
                 raise ToolRefused(f"{relative} does not exist")
             safe_fs.refuse_leaf(st, relative, symlink_ok=True)  # the link itself, never its target
+            safe_fs.refuse_nested_repos(self.root, relative)
+            _refuse_big(st, relative)
         return self._effect("git.delete_file", relative, call_id, {})
 
     def _run_checks(self, _args: dict, _call_id: str) -> ToolOutcome:
         command = self.workspace.check
-        if not command:
+        if not isinstance(command, str) or not command.strip():
             return ToolOutcome("no check command is configured for this workspace")
-        run = run_check(command, self.workspace.worktree, self.check_timeout_s)
+        # The validator checks what is committed, exactly: everything the constructor wrote
+        # was committed before this turn, so a previous check's leftovers (a nested
+        # repository, a changed tracked file) are removed before the check and after it.
+        clean = _is_git_worktree(self.workspace.worktree)
+        if clean:
+            clean_worktree(self.workspace.worktree)
+        try:
+            run = run_check(command, self.workspace.worktree, self.check_timeout_s)
+        finally:
+            if clean:
+                clean_worktree(self.workspace.worktree)
         # getattr: older CheckRuns know nothing of sandboxes
         refused = getattr(run, "refused", None)
         text = run.report()
@@ -286,6 +329,35 @@ class ToolBox:
             text = f"not run: {refused}\n{text}"
         return ToolOutcome(text, is_error=run.exit_code is None or bool(refused),
                            unsandboxed=not refused and not getattr(run, "sandboxed", True))
+
+
+def clean_text(text: str) -> str:
+    """`text` as valid UTF-8 for the model's API and the registry: bytes that were not UTF-8
+    (surrogate-escaped, as in a file name) shown as \\xNN, any other lone surrogate escaped."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        pass
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def shown_name(path: str) -> str:
+    """A file name as the model sees it: a name that is not UTF-8 with its bytes escaped."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def _refuse_big(st: os.stat_result, relative: str) -> None:
+    if stat.S_ISREG(st.st_mode) and st.st_size > MAX_SNAPSHOT_BYTES:
+        raise ToolRefused(too_big_to_snapshot(relative, st.st_size))
+
+
+def _is_git_worktree(path: str) -> bool:
+    """A linked worktree (its `.git` is a file), as relay makes for every spec."""
+    return os.path.isfile(os.path.join(path, ".git")) and not os.path.islink(os.path.join(path, ".git"))
 
 
 def _line(exc: BaseException) -> str:

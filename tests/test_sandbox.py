@@ -27,7 +27,7 @@ import pytest
 
 from activities.checks import run_check
 from activities.effects import EffectExecutor
-from activities.git_effects import DeliveryRefused, git_effects, run_git
+from activities.git_effects import DeliveryRefused, GitError, git_effects, run_git
 from activities.sandbox import NO_SANDBOX, sandbox_problem
 from relay.ledger import Ledger
 from relay.models import Role, WorkspaceInput
@@ -441,3 +441,166 @@ async def test_a_spec_with_a_sandbox_is_not_flagged(relay, user_repo):
     await relay.answer(sid, ANSWERS)
     result = await approve_when_asked(relay, sid, timeout=90)
     assert result.outcome == "delivered" and "checks_ran_unsandboxed" not in result.flags
+
+
+# --- no privilege inside (red-team finding 1) ----------------------------------------------
+
+
+class TestNoPrivilegeInside:
+    """Run by root, bubblewrap used to leave every capability in the sandbox: a check could
+    unmount the tmpfs over HOME and the data dir, remount / read-write and plant a filter
+    driver that relay's own git then ran as root."""
+
+    def test_no_capability_and_no_mount_escape(self, world):
+        a, data, common, home = world["a"], world["data"], world["common"], Path.home()
+        config_before = (common / "config").read_bytes()
+        escape = world["home"].parent / "escaped"
+        run = run_check(
+            "grep CapEff /proc/self/status; id -u; "
+            f"umount -l {common} && echo UNMOUNTED-GIT; umount -l {home} && echo UNMOUNTED-HOME; "
+            "umount -l /tmp && echo UNMOUNTED-TMP; "
+            "mount -o remount,bind,rw / && echo REMOUNTED; "
+            f"cat {data}/registry.db; echo pwned > {escape} && echo WROTE; "
+            f"echo '[filter \"x\"]' >> {common}/config && echo PLANTED; true",
+            a, 30, data_dir=data)
+        assert run.passed, run.report()
+        assert "CapEff:\t0000000000000000" in run.output and "65534" in run.output
+        for marker in ("UNMOUNTED", "REMOUNTED", "PLANTED", "REGISTRY-CANARY"):
+            assert marker not in run.output, run.report()
+        assert not escape.exists() and (common / "config").read_bytes() == config_before
+
+    def test_a_planted_filter_driver_never_runs(self, world):
+        """The whole chain, end to end: the check plants a filter driver in the user's repo
+        config and a .gitattributes naming it; relay's commit (outside the sandbox) must
+        never run it."""
+        project, executor, a, common = (world[k] for k in ("project", "executor", "a", "common"))
+        marker = world["home"].parent / "filter-ran"
+        driver = world["home"].parent / "driver.sh"
+        home = Path.home()
+        run = run_check(
+            f"umount -l {common}; umount -l {home}; umount -l /tmp; mount -o remount,bind,rw /; "
+            f"printf '#!/bin/sh\\ncat\\nid > {marker}\\n' > {driver}; chmod +x {driver}; "
+            f"printf '[filter \"x\"]\\n\\tclean = {driver}\\n' >> {common}/config; "
+            "printf '* filter=x\\n' > .gitattributes; echo changed >> README.md; true",
+            a, 30, data_dir=world["data"])
+        assert run.passed, run.report()
+        sid = a.name
+        payload = {"repo": str(project), "target": "main", "branch": f"relay/{sid}",
+                   "worktree": str(a)}
+        try:
+            executor.execute(spec_id=sid, run_id="r", step="c", effect="git.commit",
+                             payload={**payload, "paths": [".gitattributes", "README.md"],
+                                      "message": "m"})
+        except Exception:  # noqa: BLE001 - refusing is fine too; running the driver is not
+            pass
+        assert not marker.exists(), marker.read_text()
+        assert "filter" not in (common / "config").read_text()
+
+    def test_relays_git_refuses_a_repository_with_a_driver(self, world, tmp_path):
+        """Defence in depth: a driver in the repository's config (an unsandboxed check could
+        plant one) makes relay's git refuse, before the driver could run."""
+        project, executor, a = world["project"], world["executor"], world["a"]
+        marker = tmp_path / "driver-ran"
+        git(project, "config", "filter.x.clean", f"sh -c 'cat; touch {marker}'")
+        (a / ".gitattributes").write_text("* filter=x\n")
+        (a / "README.md").write_text("changed\n")
+        sid = a.name
+        with pytest.raises(GitError, match=r"filter\.x\.clean"):
+            executor.execute(spec_id=sid, run_id="r", step="c", effect="git.commit",
+                             payload={"repo": str(project), "target": "main",
+                                      "branch": f"relay/{sid}", "worktree": str(a),
+                                      "paths": [".gitattributes", "README.md"], "message": "m"})
+        assert not marker.exists()
+
+    @pytest.mark.skipif(os.geteuid() != 0, reason="capabilities are left inside only for root")
+    def test_a_sandbox_that_leaves_capabilities_is_no_sandbox(self, tmp_path):
+        """The probe reads CapEff inside: a 'bwrap' that runs the command with root's
+        capabilities is refused, and nothing runs."""
+        fake = tmp_path / "bwrap"
+        fake.write_text('#!/bin/sh\nwhile [ "$1" != "--" ]; do shift; done\nshift\nexec "$@"\n')
+        fake.chmod(0o755)
+        run = check_in_worker("touch ran", tmp_path, RELAY_BWRAP=str(fake))
+        assert run["refused"] and "capabilities left inside" in run["report"], run["report"]
+        assert not (tmp_path / "ran").exists()
+
+
+# --- limits (finding 7), a registry anywhere (finding 4), the git view (finding 5) ----------
+
+
+class TestLimits:
+    def test_file_size_memory_and_tmpfs_are_bounded(self, world, monkeypatch):
+        monkeypatch.setenv("RELAY_CHECK_MAX_FILE_SIZE", "1M")
+        monkeypatch.setenv("RELAY_CHECK_MAX_MEMORY", "512M")
+        monkeypatch.setenv("RELAY_CHECK_TMPFS_SIZE", "4M")
+        script = ("import os\n"
+                  "try:\n    open('big', 'wb').write(b'x' * 2_000_000); print('FSIZE-NOT-LIMITED')\n"
+                  "except OSError as e: print('fsize', e)\n"
+                  "try:\n    b = bytearray(1 << 30); print('AS-NOT-LIMITED')\n"
+                  "except MemoryError: print('as limited')\n"
+                  "try:\n"
+                  "    with open('/tmp/fill', 'wb') as f:\n"
+                  "        for _ in range(8): f.write(b'x' * 900_000)\n"
+                  "    print('TMPFS-NOT-LIMITED')\n"
+                  "except OSError as e: print('tmpfs', e)\n"
+                  "st = os.statvfs('/dev/shm'); print('shm', st.f_blocks * st.f_frsize)\n"
+                  "print([l for l in open('/proc/self/limits') if 'processes' in l][0])\n")
+        (world["a"] / "limits.py").write_text(script)
+        run = run_check("python limits.py", world["a"], 60, data_dir=world["data"])
+        assert run.passed, run.report()
+        assert "NOT-LIMITED" not in run.output, run.report()
+        shm = int(run.output.split("shm ")[1].split()[0])
+        assert shm <= 64 << 20
+        assert "Max processes             512                  512" in run.output, run.output
+
+    def test_an_invalid_limit_is_an_error_not_a_default(self, world, monkeypatch):
+        monkeypatch.setenv("RELAY_CHECK_MAX_PROCESSES", "lots")
+        with pytest.raises(ValueError, match="RELAY_CHECK_MAX_PROCESSES"):
+            run_check("true", world["a"], 30, data_dir=world["data"])
+
+
+class TestHiddenFromChecks:
+    def test_a_sqlite_registry_outside_the_data_dir_is_hidden(self, world, monkeypatch):
+        srv = Path(tempfile.mkdtemp(prefix=".relay-registry-test-", dir=ROOT))  # not HOME, /tmp
+        try:
+            (srv / "registry.db").write_text("EXTERNAL-REGISTRY-CANARY")
+            monkeypatch.setenv("RELAY_DATABASE_URL", f"sqlite:///{srv}/registry.db")
+            run = run_check(f"cat {srv}/registry.db; ls {srv}; true", world["a"], 30,
+                            data_dir=world["data"])
+            assert run.passed and "EXTERNAL-REGISTRY-CANARY" not in run.output, run.report()
+        finally:
+            shutil.rmtree(srv, ignore_errors=True)
+
+    def test_a_registry_in_a_system_dir_hides_only_its_files(self):
+        from activities.checks import sqlite_registry_paths
+
+        assert sqlite_registry_paths("sqlite:////srv/relay/registry.db") == [Path("/srv/relay")]
+        hidden = sqlite_registry_paths("sqlite:////var/registry.db")
+        assert Path("/var/registry.db") in hidden and Path("/var") not in hidden
+        assert sqlite_registry_paths("postgresql://u:p@db/relay") == []
+
+    def test_other_specs_branches_and_repo_credentials_are_not_shown(self, world):
+        project, a, b = world["project"], world["a"], world["b"]
+        git(project, "remote", "add", "origin", "https://user:ghp_TOKEN-CANARY@example.com/x/y")
+        git(project, "config", "credential.helper", "store --file /root/.creds")
+        git(b, "add", "their_work.py")
+        git(b, "-c", "user.name=u", "-c", "user.email=u@x", "commit", "-q", "-m", "theirs")
+        run = run_check("git for-each-ref --format='%(refname)'; git config --list; "
+                        f"git show relay/{b.name}:their_work.py; git worktree list; "
+                        "git status --porcelain >/dev/null && echo STATUS-OK; "
+                        "git log --oneline -1 >/dev/null && echo LOG-OK; true",
+                        a, 30, data_dir=world["data"])
+        assert run.passed, run.report()
+        for leak in ("TOKEN-CANARY", ".creds", "WORKTREE-B-CANARY", f"heads/relay/{b.name}",
+                     f"worktrees/{b.name}"):
+            assert leak not in run.output, run.report()
+        assert f"refs/heads/relay/{a.name}" in run.output and "refs/heads/main" in run.output
+        assert "STATUS-OK" in run.output and "LOG-OK" in run.output
+        # relay's own view is untouched
+        assert "TOKEN-CANARY" in git(project, "config", "--get", "remote.origin.url")
+
+    def test_packed_refs_are_filtered_too(self, world):
+        project, a, b = world["project"], world["a"], world["b"]
+        git(project, "pack-refs", "--all")
+        run = run_check("git for-each-ref --format='%(refname)'", a, 30, data_dir=world["data"])
+        assert run.passed and f"relay/{b.name}" not in run.output, run.report()
+        assert f"refs/heads/relay/{a.name}" in run.output

@@ -349,3 +349,141 @@ class TestChecksSandbox:
         monkeypatch.delenv("RELAY_UNSANDBOXED_CHECKS", raising=False)
         outcome = box.run("run_checks", {}, "c0")
         assert outcome.is_error and not outcome.unsandboxed and "sandbox" in outcome.text
+
+
+# --- red-team findings 2, 3, 6, 8, 9 ---------------------------------------------------------
+
+
+def _worktree(tmp_path: Path, files: dict[str, str] | None = None) -> tuple[Path, Path]:
+    """A user's repository and a linked worktree of it on relay/x (as relay makes them)."""
+    repo = make_repo(tmp_path / "repo", files or {"README.md": "# x\n", "app.py": "print(1)\n"})
+    worktree = tmp_path / "data" / "worktrees" / "x"
+    git(repo, "worktree", "add", "-q", "-b", "relay/x", str(worktree))
+    return repo, worktree
+
+
+def _commit(box: ToolBox, repo: Path, worktree: Path, paths: list[str], step: str = "c"):
+    row, _ = box.executor.execute(
+        spec_id=box.spec_id, run_id="r", step=step, effect="git.commit",
+        payload={"repo": str(repo), "worktree": str(worktree), "branch": "relay/x",
+                 "paths": paths, "message": "m"})
+    return row.result
+
+
+class TestNamesThatAreNotUtf8:
+    def test_listing_and_search_show_them_escaped(self, tmp_path, registry):
+        root = tmp_path / "wt"
+        root.mkdir()
+        (root / os.fsdecode(b"caf\xe9.txt")).write_text("needle\n")
+        box = toolbox(root, registry)
+        for name, args in (("list_files", {}), ("search_text", {"text": "needle"})):
+            outcome = box.run(name, args, "c0")
+            outcome.text.encode("utf-8")  # no lone surrogate: the model's API would refuse it
+            assert "caf\\xe9.txt" in outcome.text, outcome.text
+
+    def test_tool_text_never_carries_a_surrogate(self, tmp_path, registry):
+        from activities.tools import clean_text
+
+        assert clean_text("caf\udce9") == "caf\\xe9" and clean_text("ok ✓") == "ok ✓"
+        assert clean_text("\ud83d").encode("utf-8")
+
+
+class TestBigFiles:
+    def test_search_skips_and_read_reads_only_the_head(self, tmp_path, registry):
+        root = tmp_path / "wt"
+        root.mkdir()
+        (root / "small.py").write_text("needle = 1\n")
+        with open(root / "big.dat", "wb") as f:  # sparse: costs the disk nothing
+            f.truncate(1500 << 20)
+        box = toolbox(root, registry)
+        started = time.monotonic()
+        outcome = box.run("search_text", {"text": "needle"}, "c0")
+        assert "small.py:1: needle = 1" in outcome.text
+        assert "not searched: 1 file(s) over 2 MB: big.dat" in outcome.text
+        outcome = box.run("search_text", {"text": "needle", "path": "big.dat"}, "c1")
+        assert "not searched" in outcome.text and "big.dat" in outcome.text
+        outcome = box.run("read_file", {"path": "big.dat"}, "c2")
+        assert "truncated: 1572864000 bytes" in outcome.text
+        assert time.monotonic() - started < 5
+
+    def test_a_huge_file_is_not_snapshotted_into_the_registry(self, tmp_path, registry):
+        root = tmp_path / "wt"
+        root.mkdir()
+        with open(root / "app.py", "wb") as f:
+            f.truncate(200 << 20)
+        box = toolbox(root, registry)
+        for name in ("write_file", "delete_file"):
+            outcome = box.run(name, {"path": "app.py", "content": "print(1)\n"}, f"c-{name}")
+            assert outcome.is_error and "does not copy files over 10 MB" in outcome.text
+        assert (root / "app.py").stat().st_size == 200 << 20
+        # the effect itself refuses too (the file may grow after the tool looked)
+        with pytest.raises(GitError, match="over 10 MB"):
+            box.executor.execute(spec_id=box.spec_id, run_id="r", step="w", effect="git.write_file",
+                                 payload={"worktree": str(root), "path": "app.py", "content": "x"})
+
+
+class TestWhatIsValidatedIsWhatIsCommitted:
+    def test_no_write_into_a_nested_repository(self, tmp_path, registry):
+        _, worktree = _worktree(tmp_path)
+        (worktree / "pkg").mkdir()
+        git(worktree / "pkg", "init", "-q")
+        box = toolbox(worktree, registry)
+        outcome = box.run("write_file", {"path": "pkg/mod.py", "content": "x = 1\n"}, "c0")
+        assert outcome.is_error and "nested git repository" in outcome.text
+        assert not (worktree / "pkg" / "mod.py").exists()
+
+    def test_a_path_git_skips_fails_the_commit(self, tmp_path, registry):
+        repo, worktree = _worktree(tmp_path)
+        (worktree / "pkg").mkdir()
+        (worktree / "pkg" / "mod.py").write_text("x = 1\n")
+        git(worktree / "pkg", "init", "-q")  # made by a check after the write
+        box = toolbox(worktree, registry)
+        with pytest.raises(GitError, match="did not stage pkg/mod.py"):
+            _commit(box, repo, worktree, ["pkg/mod.py"])
+
+    def test_checks_run_on_exactly_the_commit(self, tmp_path, registry):
+        repo, worktree = _worktree(tmp_path)
+        (worktree / "leftover.txt").write_text("from an earlier check\n")
+        (worktree / "app.py").write_text("changed by an earlier check\n")
+        (worktree / "pkg").mkdir()
+        git(worktree / "pkg", "init", "-q")
+        box = toolbox(worktree, registry, Role.validator)
+        box.workspace = box.workspace.model_copy(update={
+            "check": "test ! -e leftover.txt && test ! -e pkg && grep -q 'print(1)' app.py "
+                     "&& touch made-by-this-check"})
+        outcome = box.run("run_checks", {}, "c0")
+        assert "exit code: 0" in outcome.text, outcome.text
+        assert not (worktree / "made-by-this-check").exists()  # cleaned after it too
+        assert git(worktree, "status", "--porcelain", "--ignored") == ""
+
+    def test_a_blank_check_is_no_check(self, tmp_path, registry):
+        from relay.models import WorkspaceInput
+
+        assert WorkspaceInput(check="   ").check is None
+        assert WorkspaceInput(check=" make test ").check == "make test"
+        root = tmp_path / "wt"
+        root.mkdir()
+        box = toolbox(root, registry, Role.validator)
+        box.workspace = box.workspace.model_copy(update={"check": "   "})
+        assert box.run("run_checks", {}, "c0").text == ("no check command is configured for "
+                                                        "this workspace")
+
+
+class TestLongPaths:
+    @pytest.mark.parametrize("path, reason", [
+        ("/".join(["a" * 200] * 25) + "/x.py", "at most 1024"),
+        ("a" * 256 + ".py", "at most 255"),
+        ("d/" + "é" * 128, "at most 255"),  # 256 bytes in UTF-8
+    ])
+    def test_too_long_is_a_tool_refusal(self, tmp_path, registry, path, reason):
+        root = tmp_path / "wt"
+        root.mkdir()
+        outcome = toolbox(root, registry).run("write_file", {"path": path, "content": "x"}, "c0")
+        assert outcome.is_error and reason in outcome.text, outcome.text
+        assert os.listdir(root) == []
+
+    def test_the_commit_turns_a_bad_path_into_a_git_error(self, tmp_path, registry):
+        repo, worktree = _worktree(tmp_path)
+        box = toolbox(worktree, registry)
+        with pytest.raises(GitError, match="cannot be committed"):
+            _commit(box, repo, worktree, ["/".join(["a" * 200] * 25) + "/x.py"])

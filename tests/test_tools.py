@@ -162,6 +162,27 @@ class TestThroughThePipeline:
         assert any(".git directory" in t for t in refusals)
         assert not Path("/tmp/relay-escape.txt").exists()
 
+    async def test_a_file_name_that_is_not_utf8_reaches_the_model_escaped(self, relay, model_server,
+                                                                          user_repo):
+        """A committed `caf\\xe9.txt` (Latin-1): the listing the model gets shows it escaped,
+        the SDK can send it, and the spec is delivered (it used to fail on a lone surrogate)."""
+        from relay.models import WorkspaceInput
+        from tests.conftest import git
+
+        (user_repo / os.fsdecode(b"caf\xe9.txt")).write_text("latin-1 name\n")
+        git(user_repo, "add", "-A")
+        git(user_repo, "-c", "user.name=u", "-c", "user.email=u@x", "commit", "-q", "-m", "latin1")
+        sid = await relay.run("Write a greeting module", spec_id=spec_id("latin1"),
+                              workspace=WorkspaceInput(path=str(user_repo)))
+        await wait_for_questions(relay, sid)
+        await relay.answer(sid, ANSWERS)
+        result = await approve_when_asked(relay, sid)
+        assert result.outcome == "delivered"
+        listed = [b["content"] for r in model_server.recorded("constructor")
+                  for b in r.body["messages"][-1]["content"]
+                  if isinstance(b, dict) and b.get("type") == "tool_result"]
+        assert any("caf\\xe9.txt" in str(t) for t in listed), listed
+
     async def test_a_role_outside_its_allowlist_is_refused(self, relay, model_server):
         """The scripted auditor tries to write a file: refused in code, the audit goes on."""
         sid = await relay.run("Write a greeting module [overreach]", spec_id=spec_id("tools"))
