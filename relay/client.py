@@ -256,6 +256,17 @@ def running_dev(data_dir: Path) -> dict[str, Any] | None:
         return None
 
 
+def spec_summary(spec_id: str, request: str, *, iteration: bool = False) -> str:
+    """The summary on the spec's Web UI page. It is fixed at start, so it says where the live
+    state is: what the spec waits for, and the exact update or signal with its JSON, are in the
+    current details (User Metadata), kept up to date by the workflow."""
+    first = one_line(request, 120)
+    kind = "next iteration" if iteration else "spec"
+    return (f"relay {kind} {spec_id}: {first}\n\nWhat it waits for, and which update or signal "
+            "to send with its JSON, is under User Metadata → Current Details (query `status` "
+            "for everything).")
+
+
 @dataclasses.dataclass(frozen=True)
 class TemporalTarget:
     """Where and how to connect, and why there (for error messages)."""
@@ -286,8 +297,20 @@ class TemporalTarget:
         return f" (from {self.source})"
 
 
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate: bytes the OS gave that are not UTF-8
+        return False
+    return True
+
+
 def temporal_config(env: Mapping[str, str] | None = None) -> dict[str, Any]:
     """Temporal's own client configuration (env and temporal.toml), as Client.connect arguments."""
+    if env is None:
+        # Temporal's Rust core reads the process environment itself and panics on a variable
+        # that is not UTF-8 (any variable, not only TEMPORAL_*): hand it the readable ones
+        env = {k: v for k, v in os.environ.items() if _utf8(k) and _utf8(v)}
     try:
         return dict(ClientConfig.load_client_connect_config(override_env_vars=env))
     except Exception as exc:  # the bridge's ConfigError: a bad file, an unknown profile
@@ -573,7 +596,7 @@ class RelayClient:
             await self.temporal.start_workflow(
                 WORKFLOW_TYPE, spec, id=spec_id, task_queue=self.settings.task_queue,
                 id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
-                static_summary=f"relay spec {spec_id}")
+                static_summary=spec_summary(spec_id, request))
         except WorkflowAlreadyStartedError:
             if await self._is_running(spec_id):
                 raise SpecAlreadyRunning(f"spec {spec_id} is already running") from None
@@ -604,7 +627,7 @@ class RelayClient:
             handle = await self.temporal.start_workflow(
                 WORKFLOW_TYPE, spec, id=spec_id, task_queue=self.settings.task_queue,
                 id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE,
-                static_summary=f"relay spec {spec_id} (iteration)")
+                static_summary=spec_summary(spec_id, change_request, iteration=True))
         except WorkflowAlreadyStartedError:
             raise SpecAlreadyRunning(f"spec {spec_id} is already running") from None
         except RPCError as exc:

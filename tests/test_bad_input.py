@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import subprocess
 from collections.abc import AsyncIterator
 
 import anthropic
@@ -672,3 +673,16 @@ async def test_status_says_when_the_registry_is_unreachable(relay, settings):
     assert err.strip().startswith("warning: registry unreachable: ")
     assert await relay.registry_problem(sid) is None  # the session's registry is up
     await cancel_and_wait(relay, sid)
+
+
+def test_a_non_utf8_environment_variable_is_no_panic(settings):
+    """Temporal's Rust core panics reading an environment that is not UTF-8; relay never lets
+    it read the raw environment, so any variable of the user's shell is harmless."""
+    env = {k.encode(): v.encode() for k, v in cli_env(settings).items()}
+    env[b"LEGACY_LATIN1"] = b"caf\xe9"
+    env[b"RELAY_TEMPORAL_ADDRESS"] = f"127.0.0.1:{free_port()}".encode()
+    proc = subprocess.run([*RELAY_CMD, "status", "some-spec"], env=env, capture_output=True,
+                          timeout=FAST, stdin=subprocess.DEVNULL)
+    err = proc.stderr.decode("utf-8", "replace")
+    assert proc.returncode == 1 and "panicked" not in err and "Traceback" not in err, err
+    assert err.strip().startswith("error: cannot reach Temporal")

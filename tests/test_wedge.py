@@ -152,6 +152,8 @@ async def test_a_flood_of_bad_signals_keeps_the_status_small(client: Client, rel
     st = await wait_for(relay, sid, lambda s: s.rejected_count == flood, timeout=120)
     assert len(st.rejected_inputs) == REJECTED_KEPT
     assert len(st.model_dump_json()) < 20_000
+    refused = [e for e in st.progress if e.kind == "refused"]  # one event for the whole burst
+    assert len(refused) == 1 and refused[0].text.startswith(f"{flood} inputs refused in a row")
     assert st.phase == Phase.waiting_for_answers
     await relay.answer(sid, {q.id: "an answer" for q in st.pending.questions})
     await wait_for(relay, sid, lambda s: s.phase != Phase.waiting_for_answers)

@@ -103,6 +103,7 @@ class SpecPipeline:
         self._effects_begun = False
         self._compensated: list[EffectRef] = []
         self._head: str | None = None
+        self._refused_streak = 0
         self._diff: ChangeDescription | None = None
         # one budget for the spec; raises (update or signal) count up, a waiting turn watches
         self._budget = Budget(usd=self._input.budget_usd, tokens=self._input.budget_tokens)
@@ -768,7 +769,16 @@ class SpecPipeline:
         kept.append(reason)
         del kept[:-REJECTED_KEPT]
         log.warning("input.rejected", reason=reason)
-        self._event("refused", reason)
+        # a burst of refusals is one progress event, renewed: it must not push the run's real
+        # steps out of the bounded log
+        progress = self._status.progress
+        if progress and progress[-1].kind == "refused":
+            progress.pop()
+            self._refused_streak += 1
+        else:
+            self._refused_streak = 1
+        self._event("refused", reason if self._refused_streak == 1 else
+                    f"{self._refused_streak} inputs refused in a row; the last: {reason}")
 
     @workflow.query
     def status(self, *args: Any) -> Status:
