@@ -245,7 +245,7 @@ def print_sessions(console: Console, rows: list[AgentSession],
                                                   s.cache_write_tokens)),
                       cost_text(cost.by_role.get(s.role) if cost else None, short=True),
                       s.model or "-")
-    console.print(table)
+    print_table(console, table)  # piped at 80 columns: one line per session, nothing cut
     if cost is not None:
         print_cost(console, cost.total, None)
     read, whole = (sum(s.cache_read_tokens for s in rows),

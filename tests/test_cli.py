@@ -244,6 +244,10 @@ async def test_sessions_table_shows_whole_names_at_80_columns(relay, settings, r
     for s in registry.sessions(sid):
         assert s.name in out, f"the sessions table does not show {s.name}:\n{out}"
         assert s.id in out, f"the sessions table does not show {s.id}:\n{out}"
+        # no column squeezed to an ellipsis: every figure whole
+        assert f"{s.input_tokens:,}/{s.output_tokens:,}" in out, out
+        assert (s.model or "-") in out, out
+    assert "…" not in out, out
 
 
 async def test_request_text_with_brackets_is_shown_verbatim(relay, settings):
