@@ -8,6 +8,8 @@ cause surfaces as a RelayError subclass with a one-line message.
 from __future__ import annotations
 
 import asyncio
+import atexit
+import gc
 import contextlib
 import dataclasses
 import functools
@@ -295,6 +297,21 @@ class TemporalTarget:
         if self.source == "--address":
             return ""
         return f" (from {self.source})"
+
+
+def _collect_at_exit() -> None:
+    """Free the Temporal client's native objects while the interpreter is still whole.
+
+    A script that used a Temporal client and simply returns can abort at exit with "Fatal
+    Python error: PyGILState_Release" (temporalio/sdk-python#300): the client sits in a
+    reference cycle, and its native part is dropped on a Rust thread during finalization.
+    Measured with the README's SDK pattern (connect, run, status, cancel, return): 5 of 25
+    runs aborted; with this collection at exit, 0 of 25.
+    """
+    gc.collect()
+
+
+atexit.register(_collect_at_exit)
 
 
 def _utf8(text: str) -> bool:
