@@ -36,8 +36,10 @@ from relay.settings import RelaySettings, load_settings
 
 app = typer.Typer(help="relay: a durable five-agent pipeline on Temporal.", no_args_is_help=True,
                   add_completion=False, pretty_exceptions_enable=False)
-out = Console(highlight=False)
-err = Console(stderr=True, highlight=False)
+# soft_wrap: a line is never cut at the console's width (80 when piped), so `relay status X |
+# grep ...` finds whole phrases; tables still fit the width
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 Address = Annotated[Optional[str], typer.Option("--address", help="Temporal HOST:PORT "
                     "(default: RELAY_TEMPORAL_ADDRESS, else TEMPORAL_ADDRESS or the temporal.toml "
@@ -270,6 +272,10 @@ def demo(auto_answer: Annotated[bool, typer.Option(
                 err.print(f"Still running at {stack.address}; press Ctrl-C to stop.")
                 with contextlib.suppress(Interrupted):  # the expected way to end it
                     await stop.race(stack.watch())
+            elif not headless:  # the links printed above point at a server about to stop
+                err.print("The dev server and its Web UI stop now; run `relay demo "
+                          "--keep-running` to browse the Web UI afterwards, or `relay dev` to "
+                          f"see this spec again (relay status {state.spec_id}).")
             return code
         except Interrupted as exc:
             state.interrupted = exc

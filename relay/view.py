@@ -56,11 +56,14 @@ def share_text(share: float | None) -> str:
 
 
 def usage_text(u: TokenUsage) -> str:
+    """Input counted whole (uncached + cache read + cache write), as the live line counts it,
+    then how it splits: one way of counting tokens everywhere."""
     share = cache_read_share(u.input_tokens, u.cache_read_input_tokens,
                              u.cache_creation_input_tokens)
-    return (f"in {u.input_tokens:,} · out {u.output_tokens:,} · cache read "
-            f"{u.cache_read_input_tokens:,} · cache write {u.cache_creation_input_tokens:,}"
-            f" · {share_text(share)} of input from cache")
+    whole = u.input_tokens + u.cache_read_input_tokens + u.cache_creation_input_tokens
+    return (f"tokens in {whole:,} (uncached {u.input_tokens:,} · cache read "
+            f"{u.cache_read_input_tokens:,} · cache write {u.cache_creation_input_tokens:,}; "
+            f"{share_text(share)} from cache) · out {u.output_tokens:,}")
 
 
 def cost_text(c: Cost | None, *, short: bool = False) -> str:
@@ -127,10 +130,14 @@ def print_questions(console: Console, questions: list[Question]) -> None:
 def print_status(console: Console, st: Status, registry_problem: str | None = None,
                  web_ui: str | None = None) -> None:
     """The spec as Temporal has it; `registry_problem`: why the registry cannot be read now."""
+    ended = st.phase in (Phase.completed, Phase.failed, Phase.cancelled)
+    # a finished run says how it ended first: "completed" alone would read as success
+    outcome = f" · outcome [bold]{escape(st.outcome)}[/bold]" if ended and st.outcome else ""
     console.print(f"[bold]{escape(st.spec_id)}[/bold] · iteration {st.iteration} · phase "
-                  f"[bold]{st.phase.value}[/bold]"
-                  + (f" · current agent {st.current_role.value}" if st.current_role else ""))
-    if st.phase in (Phase.completed, Phase.failed, Phase.cancelled):
+                  f"[bold]{st.phase.value}[/bold]" + outcome
+                  + (f" · current agent {st.current_role.value}" if st.current_role else ""),
+                  soft_wrap=True)
+    if ended:
         console.print(Text(f"ended: {phase_word(st)}", style="bold"), soft_wrap=True)
     if web_ui:
         console.print(Text(f"Web UI: {web_ui}"), soft_wrap=True)
@@ -142,7 +149,7 @@ def print_status(console: Console, st: Status, registry_problem: str | None = No
     if st.workspace:
         console.print(Text(f"workspace: {st.workspace.repo} · branch {st.workspace.branch} → "
                            f"{st.workspace.target}"), soft_wrap=True)
-    if st.waiting_for:
+    if st.waiting_for and not ended:  # an ended run waits for nothing (a cancel mid-wait)
         console.print(Text(f"waiting for {st.waiting_for}", style="bold"), soft_wrap=True)
     if st.review is not None:
         print_review(console, st.review, st.spec_id, gone=bool(st.delivery) or st.phase in (
@@ -155,7 +162,8 @@ def print_status(console: Console, st: Status, registry_problem: str | None = No
     for ref in st.sessions:
         u = st.usage_by_role.get(ref.role.value, TokenUsage())
         table.add_row(ref.name, ref.session_id, ref.state, str(ref.turns),
-                      f"{u.input_tokens:,}/{u.output_tokens:,}",
+                      f"{u.input_tokens + u.cache_read_input_tokens + u.cache_creation_input_tokens:,}"
+                      f"/{u.output_tokens:,}",
                       cost_text(st.cost_by_role.get(ref.role.value), short=True))
     print_table(console, table)
     console.print(f"usage this run: {usage_text(st.usage)}")
@@ -239,7 +247,8 @@ def print_sessions(console: Console, rows: list[AgentSession],
         column.no_wrap = True
     for s in rows:
         table.add_row(s.name, s.id, s.status, str(s.turns),
-                      f"{s.input_tokens:,}/{s.output_tokens:,}",
+                      f"{s.input_tokens + s.cache_read_tokens + s.cache_write_tokens:,}"
+                      f"/{s.output_tokens:,}",
                       f"{s.cache_read_tokens:,}/{s.cache_write_tokens:,}",
                       share_text(cache_read_share(s.input_tokens, s.cache_read_tokens,
                                                   s.cache_write_tokens)),

@@ -245,7 +245,8 @@ async def test_sessions_table_shows_whole_names_at_80_columns(relay, settings, r
         assert s.name in out, f"the sessions table does not show {s.name}:\n{out}"
         assert s.id in out, f"the sessions table does not show {s.id}:\n{out}"
         # no column squeezed to an ellipsis: every figure whole
-        assert f"{s.input_tokens:,}/{s.output_tokens:,}" in out, out
+        whole = s.input_tokens + s.cache_read_tokens + s.cache_write_tokens  # input counted whole
+        assert f"{whole:,}/{s.output_tokens:,}" in out, out
         assert (s.model or "-") in out, out
     assert "…" not in out, out
 

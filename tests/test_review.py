@@ -162,3 +162,24 @@ async def test_tables_keep_every_column_at_80_columns(relay, settings, registry,
     assert "…" not in out
     for s in (await relay.status(sid)).sessions:
         assert s.name in out and s.session_id in out
+
+
+async def test_an_ended_run_says_how_it_ended_and_waits_for_nothing(relay, settings, user_repo):
+    """A run cancelled at approval no longer shows 'waiting for approval'; a rejected run's
+    first line names its outcome, never a bare 'completed'."""
+    from tests.test_cli import cli, ok
+    from tests.test_workspace import start, waiting_for_approval
+
+    cancelled = await start(relay, "Write a greeting module", user_repo)
+    await waiting_for_approval(relay, cancelled)
+    await relay.cancel(cancelled)
+    await wait_for(relay, cancelled, lambda s: s.phase == Phase.cancelled)
+    out = ok(await cli(settings, "status", cancelled))
+    assert "phase cancelled" in out and "waiting for" not in out, out
+
+    rejected = await start(relay, "Write a greeting module", user_repo)
+    await waiting_for_approval(relay, rejected)
+    await relay.reject(rejected, "not now")
+    await wait_for(relay, rejected, lambda s: s.phase == Phase.completed)
+    first = ok(await cli(settings, "status", rejected)).splitlines()[0]
+    assert "phase completed · outcome rejected" in first, first

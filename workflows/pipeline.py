@@ -215,6 +215,7 @@ class SpecPipeline:
         return opened
 
     async def _close(self, phase: Phase, *, session_state: str, spec_status: str) -> None:
+        self._status.waiting_for = None  # e.g. cancelled while waiting for approval
         self._set_phase(phase, None)
         if workflow.patched(OUTCOME_PATCH):
             # the Web UI shows every finished spec as COMPLETED; this column tells them apart
