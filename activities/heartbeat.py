@@ -18,14 +18,12 @@ from collections.abc import Awaitable, Callable
 from datetime import datetime, timezone
 from typing import Any, TypeVar
 
-import structlog
 from temporalio import activity
 
-from relay.registry import FIRST_DELAY_S, MAX_DELAY_S, registry_outage
+from relay.registry import OutageBackoff
 
 T = TypeVar("T")
 
-log = structlog.get_logger("relay.registry")
 
 # Retrying a registry outage inside one attempt: at most this long, and never past the point
 # where the attempt could no longer report before its start-to-close timeout.
@@ -103,23 +101,12 @@ async def patiently(fn: Callable[..., T], *args: Any, what: str, budget_s: float
     """Run a registry call in a thread, retrying an outage with backoff for up to `budget_s`
     (default: `patience()`); then raise RegistryUnavailable. Other errors are raised at once."""
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + (patience() if budget_s is None else budget_s)
-    delay, failures = FIRST_DELAY_S, 0
+    backoff = OutageBackoff(what, patience() if budget_s is None else budget_s, loop.time)
     while True:
         try:
             return await asyncio.to_thread(fn, *args, **kwargs)
         except Exception as exc:
-            outage = registry_outage(exc)
-            if outage is None:
-                raise
-            failures += 1
-            if loop.time() + delay > deadline:
-                log.error("registry.gave_up", what=what, error=str(outage), failures=failures)
-                raise outage from exc
-            if failures == 1 or failures % 10 == 0:
-                log.warning("registry.retrying", what=what, error=str(outage), failures=failures)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, MAX_DELAY_S)
+            await asyncio.sleep(backoff.delay_after(exc))
 
 
 async def finish_first(work: Awaitable[T]) -> T:

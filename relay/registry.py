@@ -191,28 +191,44 @@ def registry_outage(exc: BaseException) -> RegistryUnavailable | None:
 FIRST_DELAY_S, MAX_DELAY_S = 0.25, 10.0
 
 
+class OutageBackoff:
+    """The one retry schedule for registry outages, shared by the blocking loop below and the
+    activities' async one (activities/heartbeat.py): call `delay_after()` in an `except`
+    block; it gives how long to wait, or raises — the error itself when it is no outage, the
+    outage once the budget is spent."""
+
+    def __init__(self, what: str, budget_s: float, clock: Callable[[], float]) -> None:
+        self.what, self.clock = what, clock
+        self.deadline = clock() + budget_s
+        self.delay, self.failures = FIRST_DELAY_S, 0
+
+    def delay_after(self, exc: Exception) -> float:
+        outage = registry_outage(exc)
+        if outage is None:
+            raise exc
+        self.failures += 1
+        if self.clock() + self.delay > self.deadline:
+            _log.error("registry.gave_up", what=self.what, error=str(outage),
+                       failures=self.failures)
+            raise outage from exc
+        if self.failures == 1 or self.failures % 10 == 0:
+            _log.warning("registry.retrying", what=self.what, error=str(outage),
+                         failures=self.failures)
+        delay, self.delay = self.delay, min(self.delay * 2, MAX_DELAY_S)
+        return delay
+
+
 def patiently(fn: Callable[..., T], *args: Any, what: str, budget_s: float,
               **kwargs: Any) -> T:
     """Call `fn`, retrying a registry outage with backoff for up to `budget_s` seconds, then
     raise RegistryUnavailable; any other error is raised at once. Blocking: for worker threads
     (the activity's own heartbeats go on meanwhile). Only for calls that are safe to repeat."""
-    deadline = time.monotonic() + budget_s
-    delay, failures = FIRST_DELAY_S, 0
+    backoff = OutageBackoff(what, budget_s, time.monotonic)
     while True:
         try:
             return fn(*args, **kwargs)
         except Exception as exc:
-            outage = registry_outage(exc)
-            if outage is None:
-                raise
-            failures += 1
-            if time.monotonic() + delay > deadline:
-                _log.error("registry.gave_up", what=what, error=str(outage), failures=failures)
-                raise outage from exc
-            if failures == 1 or failures % 10 == 0:
-                _log.warning("registry.retrying", what=what, error=str(outage), failures=failures)
-            time.sleep(delay)
-            delay = min(delay * 2, MAX_DELAY_S)
+            time.sleep(backoff.delay_after(exc))
 
 
 def describe_db_error(exc: BaseException) -> str:
