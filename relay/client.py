@@ -528,10 +528,12 @@ class RelayClient:
         check_flag(auto_approve, "auto_approve")
         if hooks is not None and not isinstance(hooks, (list, tuple)):
             raise InvalidRequest(f"hooks must be a list, not {type(hooks).__name__}")
+        fallbacks, by_role = self.settings.fallback_chains()
         spec = SpecInput(
             request=request, iterate=iterate, limits=checked, auto_approve=auto_approve,
             workspace=check_workspace(check_model(WorkspaceInput, workspace or {}, "workspace")),
-            hooks=[check_model(HookEffect, hook, "hook") for hook in hooks or []])
+            hooks=[check_model(HookEffect, hook, "hook") for hook in hooks or []],
+            fallback_models=fallbacks, fallback_models_by_role=by_role)
         check_payload(spec, "the request")
         return spec
 

@@ -141,6 +141,38 @@ def _duration(default: float, description: str | None = None) -> Any:
                  description=description)
 
 
+class Source(str, Enum):
+    """Where an output came from."""
+
+    primary = "primary"
+    fallback = "fallback"
+    cache = "cache"
+    human = "human"
+
+
+class Trust(str, Enum):
+    """How far an output may be acted on: `full` only when freshly earned from the primary."""
+
+    full = "full"
+    degraded = "degraded"
+    untrusted = "untrusted"
+
+
+class Provenance(BaseModel):
+    """Where a step's output came from, and which upstream degraded steps it was computed from."""
+
+    source: Source = Source.primary
+    trust: Trust = Trust.full
+    model: str = ""
+    prompt_version: str = ""
+    tainted_by: list[str] = Field(default_factory=list,
+                                  description="ids of the upstream degraded or untrusted steps")
+
+    @property
+    def tainted(self) -> bool:
+        return self.trust != Trust.full or bool(self.tainted_by)
+
+
 class Limits(BaseModel):
     """Bounds of one run. The client fills them from settings; raw JSON may omit them.
 
@@ -162,6 +194,16 @@ class Limits(BaseModel):
     check_timeout_s: float = _duration(300)
     effect_max_attempts: int = _attempts(5)
     compensation_max_attempts: int = _attempts(3)
+    # Gate 1: a capacity error (429, 529, 5xx, timeout, connection) is retried this many times
+    # on one model, then the next model of the role's chain answers; without one, the spec
+    # waits for the model (phase waiting_for_model) on the schedule below, never failing.
+    capacity_attempts: int = _attempts(3, "attempts on one model before falling back or waiting")
+    max_retry_after_s: float = _duration(
+        60, "a retry-after longer than this falls back (or waits) at once")
+    model_wait_s: float = _duration(30, "first wait while no model of the chain is available")
+    model_wait_max_s: float = _duration(900, "longest wait between tries of an unavailable model")
+    model_call_timeout_s: float | None = _duration(  # type: ignore[arg-type]
+        None, "timeout of one model call; null: sized to the tokens requested")
 
 
 class WorkspaceInput(BaseModel):
@@ -195,6 +237,14 @@ class SpecInput(BaseModel):
     workspace: WorkspaceInput = Field(default_factory=WorkspaceInput)
     auto_approve: bool = Field(default=False, description="Deliver without waiting for a human")
     hooks: list[HookEffect] = Field(default_factory=list)
+    fallback_models: list[str] = Field(
+        default_factory=list, description="Models that answer, in order, when the primary is "
+                                          "out of capacity (429/529/5xx/timeouts)")
+    fallback_models_by_role: dict[Role, list[str]] = Field(
+        default_factory=dict, description="Per-role fallback chains, overriding fallback_models")
+
+    def fallbacks(self, role: Role) -> list[str]:
+        return list(self.fallback_models_by_role.get(role, self.fallback_models))
 
 
 class ApprovalInput(BaseModel):
@@ -304,6 +354,76 @@ class AgentTurnInput(BaseModel):
     check_timeout_s: float = 300
 
 
+class ToolCallRef(BaseModel):
+    """A tool call the model made; its input stays in the registry (the recorded answer)."""
+
+    id: str
+    name: str
+
+
+class ToolResultBlock(BaseModel):
+    tool_use_id: str
+    content: str
+    is_error: bool = False
+
+
+class ModelStepInput(BaseModel):
+    """One model call of an agent turn's loop; (spec, role, turn, step) is its idempotency key."""
+
+    spec_id: str
+    role: Role
+    turn: int = Field(ge=1)
+    step: int = Field(ge=0)
+    kind: TurnKind
+    variables: dict[str, str] = Field(default_factory=dict, description="step 0 only")
+    iteration: int = 1
+    workspace: WorkspaceRef | None = None
+    model: str | None = Field(default=None, description="None: the worker's primary model")
+    source: Source = Source.primary
+    tool_results: list[ToolResultBlock] = Field(
+        default_factory=list, description="results of the previous step's tool calls")
+    tainted_by: list[str] = Field(default_factory=list, description="taint of the step's inputs")
+    capacity_attempts: int = 3
+    max_retry_after_s: float = 60
+    call_timeout_s: float | None = None
+
+
+class ModelStepResult(BaseModel):
+    """What the workflow needs of a model call; the exchange itself stays in the registry."""
+
+    session_id: str
+    session_name: str
+    step_id: str
+    output: dict | None = None
+    error: str | None = None
+    refused: bool = False
+    cut: bool = False
+    tool_calls: list[ToolCallRef] = Field(default_factory=list)
+    usage: TokenUsage = Field(default_factory=TokenUsage)
+    provenance: Provenance = Field(default_factory=Provenance)
+    replayed: bool = False
+
+
+class ToolStepInput(BaseModel):
+    spec_id: str
+    role: Role
+    session_id: str
+    turn: int
+    step: int
+    index: int
+    call_id: str
+    name: str
+    iteration: int = 1
+    workspace: WorkspaceRef
+    check_timeout_s: float = 300
+
+
+class ToolStepResult(BaseModel):
+    block: ToolResultBlock
+    changed_path: str | None = None
+    unsandboxed: bool = False
+
+
 class AgentTurnResult(BaseModel):
     session_id: str
     session_name: str
@@ -320,6 +440,8 @@ class AgentTurnResult(BaseModel):
     changed_paths: list[str] = Field(default_factory=list)
     unsandboxed_checks: bool = Field(
         default=False, description="A check ran outside the sandbox (RELAY_UNSANDBOXED_CHECKS=1)")
+    provenance: Provenance | None = None
+    step_ids: list[str] = Field(default_factory=list, description="the turn's model steps")
 
 
 class EffectInput(BaseModel):
@@ -403,6 +525,7 @@ class Phase(str, Enum):
     constructing = "constructing"
     validating = "validating"
     waiting_for_approval = "waiting_for_approval"
+    waiting_for_model = "waiting_for_model"
     delivering = "delivering"
     compensating = "compensating"
     completed = "completed"
@@ -416,6 +539,25 @@ REJECTED_KEPT = 20
 class PendingQuestions(BaseModel):
     round: int
     questions: list[Question]
+
+
+class ModelWait(BaseModel):
+    """A model that stays unavailable: the spec waits for it, visibly, and tries again."""
+
+    role: Role
+    model: str
+    last_error: str
+    next_attempt_at: str = Field(description="ISO 8601, UTC")
+    waited_s: float = 0
+
+
+class DegradedStep(BaseModel):
+    """A step whose output was not freshly earned from the primary, or computed from one."""
+
+    step_id: str
+    role: Role
+    provenance: Provenance
+    reason: str = ""
 
 
 class Status(BaseModel):
@@ -446,6 +588,9 @@ class Status(BaseModel):
     stray_run: str | None = Field(
         default=None, description="a run started on this spec id outside relay (raw CLI, Web UI) "
                                   "that was refused without touching the spec, and why")
+    model_wait: ModelWait | None = None
+    degraded: list[DegradedStep] = Field(
+        default_factory=list, description="degraded or tainted steps of this run's trajectory")
 
 
 class PipelineResult(BaseModel):
@@ -465,3 +610,4 @@ class PipelineResult(BaseModel):
     needs_human: list[EffectRef] = Field(default_factory=list)
     decision: Decision | None = None
     validated_commit: str | None = None
+    degraded: list[DegradedStep] = Field(default_factory=list)

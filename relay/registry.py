@@ -89,8 +89,12 @@ class SessionMessage(SQLModel, table=True):
     role: str  # user | assistant
     content: list[dict[str, Any]] = Field(sa_column=Column(JSON, nullable=False))
     model: str | None = None
-    source: str = "primary"  # primary | fallback | cache
-    trust: str = "full"  # full | degraded
+    source: str = "primary"  # relay.models.Source: primary | fallback | cache | human
+    trust: str = "full"  # relay.models.Trust: full | degraded | untrusted
+    # ids of the upstream degraded steps this answer was computed from (assistant rows)
+    tainted_by: list[str] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
+    prompt_version: str | None = None
+    verified_by: str | None = None  # a degraded answer re-checked (e.g. "recheck on <model>")
     valid: bool | None = None  # assistant only: did its structured output validate?
     error: str | None = None
     input_tokens: int = 0
@@ -416,6 +420,7 @@ class Registry:
         trust: str = "full",
         status: str | None = None,
         release_lease: str | None = None,
+        tainted_by: list[str] | None = None,
     ) -> bool:
         """Append one model exchange (the user message and the answer) atomically; with
         `release_lease`, the turn's lease held by that owner ends in the same transaction.
@@ -430,7 +435,9 @@ class Registry:
                 ).one()
                 seq = (last or 0) + 1
                 common = dict(session_id=session_id, turn=turn, step=step, model=model,
-                              source=source, trust=trust)
+                              source=str(getattr(source, "value", source)),
+                              trust=str(getattr(trust, "value", trust)),
+                              prompt_version=prompt_version)
                 db.add(SessionMessage(seq=seq, role="user", content=user_content, **common))
                 db.add(
                     SessionMessage(
@@ -438,7 +445,8 @@ class Registry:
                         error=error, input_tokens=usage.input_tokens,
                         output_tokens=usage.output_tokens,
                         cache_read_tokens=usage.cache_read_input_tokens,
-                        cache_write_tokens=usage.cache_creation_input_tokens, **common,
+                        cache_write_tokens=usage.cache_creation_input_tokens,
+                        tainted_by=list(tainted_by) if tainted_by else None, **common,
                     )
                 )
                 session = db.get(AgentSession, session_id)
@@ -461,6 +469,14 @@ class Registry:
                 return True
         except IntegrityError:
             return False
+
+    def exchange(self, session_id: str, turn: int, step: int) -> dict[str, SessionMessage]:
+        """The recorded messages of one step, by role (user, assistant); empty if none."""
+        with Session(self.engine) as db:
+            rows = db.exec(select(SessionMessage).where(
+                SessionMessage.session_id == session_id, SessionMessage.turn == turn,
+                SessionMessage.step == step)).all()
+        return {m.role: m for m in rows}
 
     # --- orchestration state -----------------------------------------------------------
 

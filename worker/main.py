@@ -24,6 +24,7 @@ from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxR
 from activities import AgentTurnActivities, RegistryActivities
 from activities.effects import EffectActivities, EffectExecutor
 from activities.git_effects import git_effects
+from activities.model_step import ModelStepActivities
 from activities.workspace import WorkspaceActivities
 from relay.client import connect_settings
 from relay.client import connect_temporal as connect
@@ -106,6 +107,8 @@ def build_worker(client: Client, *, task_queue: str, registry: Registry,
                               settings.data_dir.resolve(), Failpoints(settings.failpoints))
     turns = AgentTurnActivities(registry, endpoint.client, endpoint.model, settings.max_tokens,
                                 executor=executor)
+    steps = ModelStepActivities(registry, endpoint.client, endpoint.model, settings.max_tokens,
+                                executor=executor)
     bookkeeping = RegistryActivities(registry)
     side_effects = EffectActivities(executor)
     workspace = WorkspaceActivities(executor, settings.data_dir)
@@ -113,7 +116,9 @@ def build_worker(client: Client, *, task_queue: str, registry: Registry,
         client,
         task_queue=task_queue,
         workflows=[SpecPipeline, SpecCompensation],
-        activities=[turns.agent_turn, bookkeeping.open_spec, bookkeeping.set_session_states,
+        # agent_turn: the whole turn in one activity, kept for runs recorded before the loop
+        # moved into the workflow (workflows/pipeline.LOOP_PATCH)
+        activities=[steps.model_step, steps.agent_tool, turns.agent_turn, bookkeeping.open_spec, bookkeeping.set_session_states,
                     side_effects.run_effect, side_effects.pending_compensations,
                     side_effects.compensate_effect, side_effects.mark_needs_human,
                     workspace.prepare_workspace],

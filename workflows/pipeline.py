@@ -25,7 +25,7 @@ with workflow.unsafe.imports_passed_through():
 
     from relay.models import (
         OUTCOME_SEARCH_ATTRIBUTE, PHASE_SEARCH_ATTRIBUTE, ROLES, WORKFLOW_TYPE,
-        AgentTurnInput, AgentTurnResult, AnswerAck,
+        AgentTurnInput, AgentTurnResult, AnswerAck, DegradedStep, ModelWait, Source,
         AnswerInput, ApprovalInput, Audit, Change, Clarification, Decision,
         EffectInput, EffectRef, EffectResult, OpenSpecInput, OpenSpecResult,
         PendingQuestions, Phase, PipelineResult, Plan, PrepareWorkspaceInput,
@@ -33,7 +33,7 @@ with workflow.unsafe.imports_passed_through():
         WorkspaceInput, WorkspaceRef, spec_id_problem,
     )
     from relay.converter import Undecodable
-    from workflows import render, saga
+    from workflows import agent_loop, render, saga
     from workflows.outage import through_outages
     from workflows.saga import BOOKKEEPING
     from relay import one_line as _one_line
@@ -48,6 +48,19 @@ OUTCOME = SearchAttributeKey.for_keyword(OUTCOME_SEARCH_ATTRIBUTE)
 WORKSPACE_PATCH = "relay-workspace-1"
 # Runs that ended before the RelayOutcome search attribute existed replay without its upsert.
 OUTCOME_PATCH = "relay-outcome-1"
+# Runs recorded while one `agent_turn` activity ran a whole turn replay through it; new runs
+# run the loop in workflow code (workflows/agent_loop.py), one activity per model or tool call.
+LOOP_PATCH = "relay-loop-in-workflow-1"
+
+# Which roles' outputs each kind of turn is given (rendered into its prompt): their taint
+# flows into it. A turn also inherits its own session's unverified taint (the activity's part).
+INPUTS: dict[str, tuple[Role, ...]] = {
+    "clarify": (), "answers": (), "finalize": (), "iterate": (),
+    "plan": (Role.clarifier,), "revise": (Role.auditor,),
+    "audit": (Role.clarifier, Role.planner),
+    "construct": (Role.clarifier, Role.planner), "fix": (Role.validator,),
+    "validate": (Role.clarifier, Role.planner, Role.constructor),
+}
 
 
 class SpecFailed(Exception):
@@ -87,6 +100,8 @@ class SpecPipeline:
         self._effects_begun = False
         self._compensated: list[EffectRef] = []
         self._head: str | None = None
+        self._taint: dict[Role, list[str]] = {}  # what each role's newest output carries
+        self._resume: tuple[Phase, Role | None] | None = None  # phase left for waiting_for_model
 
     # --- run ---------------------------------------------------------------------
 
@@ -125,7 +140,7 @@ class SpecPipeline:
                 delivery=self._status.delivery, decision=self._status.decision,
                 branch=self._status.workspace.branch if self._status.workspace else None,
                 compensated=self._compensated, needs_human=self._status.needs_human,
-                validated_commit=self._status.validated_commit)
+                validated_commit=self._status.validated_commit, degraded=self._status.degraded)
         except (asyncio.CancelledError, ActivityError) as err:
             if isinstance(err, ActivityError) and not _cancelled(err):
                 await self._fail(f"{_reason(err)}")
@@ -281,6 +296,77 @@ class SpecPipeline:
         self._turns[role] = self._turns.get(role, 0) + 1
         turn = self._turns[role]
         self._session_state(role, "running")
+        if workflow.patched(LOOP_PATCH):
+            result = await self._loop_turn(role, turn, kind, variables)
+        else:
+            result = await self._single_activity_turn(role, turn, kind, variables)
+        self._session_state(role, "idle")
+        _stop_if_cancelled()
+        self._status.usage = self._status.usage + result.usage
+        by_role = self._status.usage_by_role
+        by_role[role.value] = by_role[role.value] + result.usage if role.value in by_role else result.usage
+        if result.model not in self._status.models:
+            self._status.models.append(result.model)
+        if result.repaired:
+            self._flag(f"{role.value}_output_repaired")
+        if result.unsandboxed_checks:
+            self._flag("checks_ran_unsandboxed")
+        return result
+
+    async def _loop_turn(self, role: Role, turn: int, kind: str,
+                         variables: dict[str, str]) -> AgentTurnResult:
+        """The turn as a loop in workflow code; its output's provenance and taint recorded."""
+        tainted: list[str] = []
+        for source in INPUTS.get(kind, ()):
+            tainted += [s for s in self._taint.get(source, []) if s not in tainted]
+        try:
+            result = await agent_loop.run_turn(agent_loop.Turn(
+                spec_id=self._status.spec_id, role=role, turn=turn, kind=kind,
+                variables=variables, iteration=self._status.iteration,
+                workspace=self._status.workspace, limits=self._limits,
+                fallbacks=self._input.fallbacks(role), tainted_by=tainted,
+                waiting=self._waiting_for_model))
+        except agent_loop.TurnFailed as failed:
+            self._session_state(role, "failed" if failed.session_failed else "idle")
+            raise SpecFailed(f"{role.value} turn {turn} failed: {failed}") from None
+        except ActivityError as err:
+            if _cancelled(err):
+                raise asyncio.CancelledError() from None
+            self._session_state(role, "failed" if _is_invalid_output(err) else "idle")
+            raise SpecFailed(f"{role.value} turn {turn} failed: {_reason(err)}") from None
+        self._taint[role] = agent_loop.taint_of(result)
+        prov = result.provenance
+        if prov is not None and prov.tainted and result.step_ids:
+            why = (f"answered by {prov.source.value} model {prov.model}"
+                   if prov.source != Source.primary else f"trust {prov.trust.value}")
+            if prov.tainted_by:
+                why = (why + "; " if prov.trust.value != "full" else "") + (
+                    "computed from degraded steps " + ", ".join(prov.tainted_by))
+            self._status.degraded.append(DegradedStep(
+                step_id=result.step_ids[-1], role=role, provenance=prov, reason=why))
+            self._flag("degraded_trajectory")
+            workflow.set_current_details(render.details(self._status))
+        return result
+
+    def _waiting_for_model(self, wait: ModelWait | None) -> None:
+        """Gate 1 found no model of the chain available (or one came back)."""
+        self._status.model_wait = wait
+        if wait is not None:
+            if self._status.phase != Phase.waiting_for_model:
+                self._resume = (self._status.phase, self._status.current_role)
+            self._status.waiting_for = (
+                f"the {wait.role.value}'s model {wait.model} to be available again "
+                f"(next attempt at {wait.next_attempt_at}; last error: {wait.last_error})")
+            self._set_phase(Phase.waiting_for_model, wait.role)
+        elif self._resume is not None:
+            self._status.waiting_for = None
+            phase, role = self._resume
+            self._resume = None
+            self._set_phase(phase, role)
+
+    async def _single_activity_turn(self, role: Role, turn: int, kind: str,
+                                    variables: dict[str, str]) -> AgentTurnResult:
+        """Before LOOP_PATCH: one `agent_turn` activity ran the whole turn (kept for replay)."""
         limits = self._limits
         try:
             result = await through_outages(lambda: workflow.execute_activity(
@@ -305,17 +391,6 @@ class SpecPipeline:
                 raise asyncio.CancelledError() from None
             self._session_state(role, "failed" if _is_invalid_output(err) else "idle")
             raise SpecFailed(f"{role.value} turn {turn} failed: {_reason(err)}") from None
-        self._session_state(role, "idle")
-        _stop_if_cancelled()
-        self._status.usage = self._status.usage + result.usage
-        by_role = self._status.usage_by_role
-        by_role[role.value] = by_role[role.value] + result.usage if role.value in by_role else result.usage
-        if result.model not in self._status.models:
-            self._status.models.append(result.model)
-        if result.repaired:
-            self._flag(f"{role.value}_output_repaired")
-        if result.unsandboxed_checks:
-            self._flag("checks_ran_unsandboxed")
         return result
 
     # --- the workspace and its side effects (a saga) --------------------------------------
