@@ -186,6 +186,12 @@ class ModelStepActivities:
             return self._result(inp, session, done, prompt.version, fresh, replayed=True)
         if exchange.error is not None and exchange.error.startswith(REFUSED):
             log.warning("agent_turn.refused", step=inp.step, error=exchange.error)
+        elif exchange.error is not None:
+            log.warning("agent_turn.invalid_output", step=inp.step, error=exchange.error)
+        elif exchange.output is not None:
+            log.info("agent_turn.done", steps=inp.step + 1, source=exchange.source,
+                     model=exchange.model, input_tokens=exchange.usage.input_tokens,
+                     output_tokens=exchange.usage.output_tokens)
         return ModelStepResult(
             session_id=session.id, session_name=session.name,
             step_id=step_id(inp.role, inp.turn, inp.step), output=exchange.output,
