@@ -50,10 +50,10 @@ from activities.tools import ToolBox, ToolRefused, tool_definitions
 from activities.turn_lease import TurnLease
 from relay import prompts
 from relay.models import (
-    OUTPUT_TOOLS, ModelStepInput, ModelStepResult, Provenance, Role, Source, TokenUsage,
-    ToolCallRef, ToolResultBlock, ToolStepInput, ToolStepResult, Trust,
+    OUTPUT_TOOLS, ModelStepInput, ModelStepResult, Provenance, RecheckInput, RecheckResult, Role,
+    Source, TokenUsage, ToolCallRef, ToolResultBlock, ToolStepInput, ToolStepResult, Trust,
 )
-from relay.registry import AgentSession, Registry, SessionMessage
+from relay.registry import AgentSession, GateRecord, Registry, SessionMessage
 
 log = structlog.get_logger("relay.agent_turn")
 
@@ -363,6 +363,74 @@ class ModelStepActivities:
         return Exchange(user=user, assistant=content, model=message.model, output=output,
                         error=error, usage=usage, cut=cut)
 
+    # --- Gate 2: re-check a degraded step on the primary -----------------------------------
+
+    @activity.defn(name="recheck_step")
+    async def recheck_step(self, inp: RecheckInput) -> RecheckResult:
+        """Re-run a degraded step on the primary with the same inputs (its recorded
+        conversation up to that step) and compare the structured outputs, role-aware. The
+        verdict is recorded once (relay_gate_record); an agreeing step is marked verified.
+        A primary that is still unavailable gives no verdict (agree None): a person decides."""
+        structlog.contextvars.bind_contextvars(spec_id=inp.spec_id, role=inp.role.value,
+                                               turn=inp.turn, step=inp.step)
+        try:
+            return await with_heartbeat(self._recheck(inp))
+        except Exception as exc:
+            if (outage := registry_error(exc)) is not None:
+                raise outage from None
+            raise
+        finally:
+            structlog.contextvars.unbind_contextvars("spec_id", "role", "turn", "step")
+
+    async def _recheck(self, inp: RecheckInput) -> RecheckResult:
+        key = f"i{inp.iteration}/recheck/{inp.step_id}"
+        if (done := await patiently(self.registry.gate_record, inp.spec_id, key,
+                                    what="gate_record")) is not None:
+            return RecheckResult(step_id=inp.step_id, role=inp.role, model=done.model or "",
+                                 agree=done.agree, diff=done.diff or [])
+        history = await patiently(self.registry.messages, inp.session_id, what="messages")
+        found = {m.role: m for m in history if (m.turn, m.step) == (inp.turn, inp.step)}
+        answer, user = found.get("assistant"), found.get("user")
+        tools = inp.workspace is not None and self.executor is not None
+        degraded = _classify(inp.role, answer.content, tools)[0] if answer and answer.valid else None
+        if answer is None or user is None or degraded is None:
+            return RecheckResult(step_id=inp.step_id, role=inp.role, error=(
+                "an intermediate step (tool calls, no result) cannot be compared"))
+        carried = next((d.get("recheck") for d in carried_over()
+                        if isinstance(d, dict) and isinstance(d.get("recheck"), dict)), None)
+        if carried is not None and carried.get("key") == key:
+            fresh, model = carried["output"], carried["model"]
+            log.info("gate.recheck_carried_answer_used", key=key)
+        else:
+            conversation = [{"role": m.role, "content": m.content} for m in history
+                            if (m.turn, m.step) < (inp.turn, inp.step)]
+            probe = ModelStepInput(spec_id=inp.spec_id, role=inp.role, turn=inp.turn,
+                                   step=inp.step, kind="plan", call_timeout_s=inp.call_timeout_s)
+            try:
+                exchange = await self._call_model(probe, prompts.load(inp.role).system,
+                                                  conversation, user.content, tools)
+            except ApplicationError as exc:
+                if exc.type in CAPACITY_ERRORS or exc.non_retryable:
+                    return RecheckResult(step_id=inp.step_id, role=inp.role,
+                                         error=f"the primary could not re-check it: {exc.message}")
+                raise
+            if exchange.output is None:
+                return RecheckResult(step_id=inp.step_id, role=inp.role, model=exchange.model,
+                                     error=f"the primary gave no valid result: {exchange.error}")
+            fresh, model = exchange.output, exchange.model
+            carry({"recheck": {"key": key, "output": fresh, "model": model}})
+        diff = compare(inp.role, degraded, fresh)
+        record = await patiently(self.registry.add_gate_record, GateRecord(
+            spec_id=inp.spec_id, iteration=inp.iteration, key=key, kind="recheck",
+            step_id=inp.step_id, model=model, output=fresh, agree=not diff, diff=diff),
+            what="add_gate_record")
+        if record.agree:
+            await patiently(self.registry.verify, inp.session_id, inp.turn, inp.step,
+                            f"recheck on {model}", what="verify")
+        log.info("gate.rechecked", step_id=inp.step_id, agree=record.agree, model=model)
+        return RecheckResult(step_id=inp.step_id, role=inp.role, model=record.model or model,
+                             agree=record.agree, diff=record.diff or [])
+
     # --- one tool call ----------------------------------------------------------------
 
     @activity.defn(name="agent_tool")
@@ -411,6 +479,37 @@ class ModelStepActivities:
                                   is_error=bool(outcome.is_error)),
             changed_path=changed,
             unsandboxed=name == "run_checks" and bool(getattr(outcome, "unsandboxed", False)))
+
+
+def _norm(text: Any) -> str:
+    return " ".join(str(text).lower().split())
+
+
+def compare(role: Role, degraded: dict[str, Any], fresh: dict[str, Any]) -> list[str]:
+    """What differs between two structured outputs of a role, in the terms that matter for it:
+    the verdicts of the auditor and the validator, the plan's steps, the change's files, the
+    clarifier's questions or spec. Empty: they agree (wording aside)."""
+    if role in (Role.auditor, Role.validator):
+        if bool(degraded.get("approved")) != bool(fresh.get("approved")):
+            return [f"verdict: approved={bool(degraded.get('approved'))} (degraded) vs "
+                    f"approved={bool(fresh.get('approved'))} (primary)"]
+        return []
+    if role == Role.planner:
+        a, b = [_norm(s) for s in degraded.get("steps") or []], [_norm(s) for s in fresh.get("steps") or []]
+        if a == b:
+            return []
+        return ([f"- {s}" for s in a if s not in b] + [f"+ {s}" for s in b if s not in a]
+                or ["the plan's steps are in another order"])
+    if role == Role.constructor:
+        a = {f.get("path") for f in degraded.get("files") or [] if isinstance(f, dict)}
+        b = {f.get("path") for f in fresh.get("files") or [] if isinstance(f, dict)}
+        return [f"- file {p}" for p in sorted(a - b)] + [f"+ file {p}" for p in sorted(b - a)]
+    asks_a, asks_b = bool(degraded.get("questions")), bool(fresh.get("questions"))
+    if asks_a != asks_b:
+        return ["the clarifier " + ("asked questions" if asks_a else "gave a spec")
+                + " (degraded) but " + ("asked questions" if asks_b else "gave a spec")
+                + " (primary)"]
+    return []
 
 
 def _calls(role: Role, content: list[dict[str, Any]]) -> list[ToolCallRef]:

@@ -47,7 +47,7 @@ from relay import one_line
 from relay.ledger import EffectRecord, Ledger
 from relay.models import (
     WORKFLOW_TYPE, AnswerAck, AnswerInput, ApprovalInput, CompensationInput, CompensationReport,
-    Decision, HookEffect, Limits, PipelineResult, RejectInput, Role, SpecInput, Status,
+    Decision, GatePolicy, HookEffect, Limits, PipelineResult, RejectInput, Role, SpecInput, Status,
     WorkspaceInput, spec_id_problem,
 )
 from relay.registry import AgentSession, Registry, SessionMessage
@@ -137,6 +137,17 @@ def validation_problem(exc: ValidationError) -> str:
 
 
 M = TypeVar("M", bound=BaseModel)
+
+
+def check_gate_policy(value: object) -> GatePolicy:
+    """Gate 2's policy for a tainted trajectory: recheck (the default) or human."""
+    if value is None:
+        return GatePolicy.recheck
+    try:
+        return GatePolicy(value)
+    except ValueError:
+        raise InvalidRequest("gate_policy must be one of "
+                             f"{', '.join(p.value for p in GatePolicy)}, not {value!r}") from None
 
 
 def check_model(model: type[M], value: object, what: str) -> M:
@@ -521,7 +532,7 @@ class RelayClient:
             raise InvalidSettings(setting_problem(exc)) from None
 
     def _spec_input(self, request: str, *, iterate: bool, limits: Any, workspace: Any,
-                    auto_approve: Any, hooks: Any) -> SpecInput:
+                    auto_approve: Any, hooks: Any, gate_policy: Any = None) -> SpecInput:
         """The start input, every part checked, small enough for Temporal."""
         checked = self._limits(limits)
         check_request(request, checked.max_request_bytes)
@@ -533,7 +544,8 @@ class RelayClient:
             request=request, iterate=iterate, limits=checked, auto_approve=auto_approve,
             workspace=check_workspace(check_model(WorkspaceInput, workspace or {}, "workspace")),
             hooks=[check_model(HookEffect, hook, "hook") for hook in hooks or []],
-            fallback_models=fallbacks, fallback_models_by_role=by_role)
+            fallback_models=fallbacks, fallback_models_by_role=by_role,
+            gate_policy=check_gate_policy(gate_policy))
         check_payload(spec, "the request")
         return spec
 
@@ -542,7 +554,8 @@ class RelayClient:
     @relay_errors
     async def run(self, request: str, *, spec_id: str | None = None,
                   limits: Limits | None = None, workspace: WorkspaceInput | None = None,
-                  auto_approve: bool = False, hooks: list[HookEffect] | None = None) -> str:
+                  auto_approve: bool = False, hooks: list[HookEffect] | None = None,
+                  gate_policy: GatePolicy | str | None = None) -> str:
         """Start a new spec; returns its id (the workflow id).
 
         `workspace`: the git repository the agents work on (default: a fresh one relay
@@ -550,7 +563,7 @@ class RelayClient:
         """
         spec_id = check_spec_id(spec_id) if spec_id is not None else new_spec_id()
         spec = self._spec_input(request, iterate=False, limits=limits, workspace=workspace,
-                                auto_approve=auto_approve, hooks=hooks)
+                                auto_approve=auto_approve, hooks=hooks, gate_policy=gate_policy)
         try:
             await self.temporal.start_workflow(
                 WORKFLOW_TYPE, spec, id=spec_id, task_queue=self.settings.task_queue,
@@ -568,11 +581,12 @@ class RelayClient:
     @relay_errors
     async def iterate(self, spec_id: str, change_request: str, *, limits: Limits | None = None,
                       workspace: WorkspaceInput | None = None, auto_approve: bool = False,
-                      hooks: list[HookEffect] | None = None) -> str:
+                      hooks: list[HookEffect] | None = None,
+                      gate_policy: GatePolicy | str | None = None) -> str:
         """Start the next iteration of a finished spec; all five agents resume their sessions."""
         check_spec_ref(spec_id)
         spec = self._spec_input(change_request, iterate=True, limits=limits, workspace=workspace,
-                                auto_approve=auto_approve, hooks=hooks)
+                                auto_approve=auto_approve, hooks=hooks, gate_policy=gate_policy)
         desc = await self._describe(spec_id)
         if desc.status == ExecStatus.RUNNING:
             raise SpecAlreadyRunning(f"spec {spec_id} is still running; wait for it or cancel it first")

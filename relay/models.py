@@ -198,6 +198,9 @@ class Limits(BaseModel):
     # on one model, then the next model of the role's chain answers; without one, the spec
     # waits for the model (phase waiting_for_model) on the schedule below, never failing.
     capacity_attempts: int = _attempts(3, "attempts on one model before falling back or waiting")
+    destructive_share: float = Field(
+        default=0.5, gt=0, le=1, description="a change removing more than this share of a "
+                                             "file's lines is destructive: a person approves it")
     max_retry_after_s: float = _duration(
         60, "a retry-after longer than this falls back (or waits) at once")
     model_wait_s: float = _duration(30, "first wait while no model of the chain is available")
@@ -226,6 +229,13 @@ class HookEffect(BaseModel):
     at: Literal["prepare", "deliver"] = "prepare"
 
 
+class GatePolicy(str, Enum):
+    """What Gate 2 does with a tainted trajectory before an irreversible step."""
+
+    recheck = "recheck"  # re-run the degraded steps on the primary; a human if they differ
+    human = "human"  # always a human
+
+
 class SpecInput(BaseModel):
     """Input of the SpecPipeline workflow. Plain JSON: {"request": "..."}."""
 
@@ -242,6 +252,8 @@ class SpecInput(BaseModel):
                                           "out of capacity (429/529/5xx/timeouts)")
     fallback_models_by_role: dict[Role, list[str]] = Field(
         default_factory=dict, description="Per-role fallback chains, overriding fallback_models")
+    gate_policy: GatePolicy = Field(
+        default=GatePolicy.recheck, description="Gate 2 on a tainted trajectory: recheck or human")
 
     def fallbacks(self, role: Role) -> list[str]:
         return list(self.fallback_models_by_role.get(role, self.fallback_models))
@@ -526,6 +538,7 @@ class Phase(str, Enum):
     validating = "validating"
     waiting_for_approval = "waiting_for_approval"
     waiting_for_model = "waiting_for_model"
+    rechecking = "rechecking"
     delivering = "delivering"
     compensating = "compensating"
     completed = "completed"
@@ -558,7 +571,85 @@ class DegradedStep(BaseModel):
     role: Role
     provenance: Provenance
     reason: str = ""
+    verified_by: str | None = None
 
+
+class RecheckInput(BaseModel):
+    spec_id: str
+    iteration: int
+    role: Role
+    session_id: str
+    turn: int
+    step: int
+    step_id: str
+    workspace: WorkspaceRef | None = None
+    call_timeout_s: float | None = None
+
+
+class RecheckResult(BaseModel):
+    """A degraded step re-run on the primary with the same inputs, compared role-aware."""
+
+    step_id: str
+    role: Role
+    model: str = ""
+    agree: bool | None = Field(default=None, description="None: the re-check could not be made")
+    diff: list[str] = Field(default_factory=list)
+    error: str | None = None
+
+
+class ChangedFile(BaseModel):
+    path: str
+    status: str  # A added, M modified, D deleted (git's letters)
+    added: int = 0
+    removed: int = 0
+    lines_before: int = 0
+
+
+class InspectChangeInput(BaseModel):
+    spec_id: str
+    workspace: WorkspaceRef
+    commit: str | None = None
+    declared: list[FileChange] = Field(default_factory=list)
+    destructive_share: float = 0.5
+
+
+class ChangeReport(BaseModel):
+    """The branch's real change against the target: what the validator judges, what lands."""
+
+    files: list[ChangedFile] = Field(default_factory=list)
+    diff: str = Field(default="", description="the unified diff, cut to a bounded size")
+    destructive: list[str] = Field(default_factory=list, description="why a person must approve")
+    declared_mismatch: list[str] = Field(
+        default_factory=list, description="declared files that differ from the branch")
+
+    @property
+    def empty(self) -> bool:
+        return not self.files
+
+
+class GateReport(BaseModel):
+    """Gate 2 before an irreversible step: the trajectory checked, and who or what cleared it."""
+
+    policy: GatePolicy = GatePolicy.recheck
+    tainted: bool = False
+    degraded_steps: list[str] = Field(default_factory=list)
+    rechecks: list[RecheckResult] = Field(default_factory=list)
+    destructive: list[str] = Field(default_factory=list)
+    needs_human: bool = False
+    reason: str = ""
+    decision: str | None = None  # proceed | verified | approved | rejected
+    decided_by: str | None = None
+    decided_at: str | None = None
+
+
+class GateRecordInput(BaseModel):
+    spec_id: str
+    iteration: int
+    key: str
+    decision: str
+    decided_by: str
+    reason: str = ""
+    steps: list[str] = Field(default_factory=list)
 
 class Status(BaseModel):
     spec_id: str
@@ -589,6 +680,8 @@ class Status(BaseModel):
         default=None, description="a run started on this spec id outside relay (raw CLI, Web UI) "
                                   "that was refused without touching the spec, and why")
     model_wait: ModelWait | None = None
+    gate: GateReport | None = None
+    change_report: ChangeReport | None = None
     degraded: list[DegradedStep] = Field(
         default_factory=list, description="degraded or tainted steps of this run's trajectory")
 
@@ -611,3 +704,4 @@ class PipelineResult(BaseModel):
     decision: Decision | None = None
     validated_commit: str | None = None
     degraded: list[DegradedStep] = Field(default_factory=list)
+    gate: GateReport | None = None

@@ -104,6 +104,30 @@ class SessionMessage(SQLModel, table=True):
     created_at: datetime = Field(default_factory=utcnow)
 
 
+class GateRecord(SQLModel, table=True):
+    """Gate 2's record: each re-check of a degraded step (its primary answer and the verdict of
+    the comparison) and each decision at the gate (who or what cleared it, and when).
+    Idempotent on (spec, key): a retried or re-run activity finds its row instead of paying."""
+
+    __tablename__ = "relay_gate_record"
+    __table_args__ = (UniqueConstraint("spec_id", "key", name="uq_gate_record_key"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    spec_id: str = Field(index=True)
+    iteration: int = 1
+    key: str  # e.g. i1/recheck/planner/t1/s0 or i1/gate/deliver
+    kind: str  # recheck | decision
+    step_id: str | None = None
+    model: str | None = None
+    output: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
+    agree: bool | None = None
+    diff: list[str] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
+    decision: str | None = None  # proceed | verified | waiting | approved | rejected
+    decided_by: str | None = None
+    reason: str | None = None
+    created_at: datetime = Field(default_factory=utcnow)
+
+
 class SpecConflict(Exception):
     """A run that contradicts the recorded spec (new spec id reused, unknown spec iterated)."""
 
@@ -477,6 +501,50 @@ class Registry:
                 SessionMessage.session_id == session_id, SessionMessage.turn == turn,
                 SessionMessage.step == step)).all()
         return {m.role: m for m in rows}
+
+    # --- Gate 2 -------------------------------------------------------------------------
+
+    def gate_record(self, spec_id: str, key: str) -> GateRecord | None:
+        with Session(self.engine) as db:
+            return db.exec(select(GateRecord).where(GateRecord.spec_id == spec_id,
+                                                    GateRecord.key == key)).first()
+
+    def add_gate_record(self, record: GateRecord) -> GateRecord:
+        """Insert once; a second insert of the same key returns the first row."""
+        try:
+            with Session(self.engine, expire_on_commit=False) as db:
+                db.add(record)
+                db.commit()
+                return record
+        except IntegrityError:
+            found = self.gate_record(record.spec_id, record.key)
+            assert found is not None
+            return found
+
+    def gate_records(self, spec_id: str) -> list[GateRecord]:
+        with Session(self.engine) as db:
+            return list(db.exec(select(GateRecord).where(GateRecord.spec_id == spec_id)
+                                .order_by(GateRecord.id)).all())  # type: ignore[arg-type]
+
+    def verify(self, session_id: str, turn: int, step: int, by: str) -> None:
+        """Mark a degraded answer verified: it taints nothing from now on."""
+        with Session(self.engine) as db:
+            for row in db.exec(select(SessionMessage).where(
+                    SessionMessage.session_id == session_id, SessionMessage.turn == turn,
+                    SessionMessage.step == step, SessionMessage.role == "assistant")):
+                if not row.verified_by:
+                    row.verified_by = by
+                    db.add(row)
+            db.commit()
+
+    def verified_steps(self, spec_id: str) -> list[tuple[str, int, int]]:
+        """(role, turn, step) of every verified answer of the spec."""
+        with Session(self.engine) as db:
+            rows = db.exec(select(AgentSession.role, SessionMessage.turn, SessionMessage.step)
+                           .join(AgentSession, AgentSession.id == SessionMessage.session_id)
+                           .where(AgentSession.spec_id == spec_id,
+                                  SessionMessage.verified_by.is_not(None))).all()  # type: ignore[union-attr]
+        return [(r[0], r[1], r[2]) for r in rows]
 
     # --- orchestration state -----------------------------------------------------------
 

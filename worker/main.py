@@ -118,7 +118,8 @@ def build_worker(client: Client, *, task_queue: str, registry: Registry,
         workflows=[SpecPipeline, SpecCompensation],
         # agent_turn: the whole turn in one activity, kept for runs recorded before the loop
         # moved into the workflow (workflows/pipeline.LOOP_PATCH)
-        activities=[steps.model_step, steps.agent_tool, turns.agent_turn, bookkeeping.open_spec, bookkeeping.set_session_states,
+        activities=[steps.model_step, steps.agent_tool, steps.recheck_step, bookkeeping.record_gate,
+                    turns.agent_turn, bookkeeping.open_spec, bookkeeping.set_session_states,
                     side_effects.run_effect, side_effects.pending_compensations,
                     side_effects.compensate_effect, side_effects.mark_needs_human,
                     workspace.prepare_workspace],

@@ -25,7 +25,8 @@ with workflow.unsafe.imports_passed_through():
 
     from relay.models import (
         OUTCOME_SEARCH_ATTRIBUTE, PHASE_SEARCH_ATTRIBUTE, ROLES, WORKFLOW_TYPE,
-        AgentTurnInput, AgentTurnResult, AnswerAck, DegradedStep, ModelWait, Source,
+        AgentTurnInput, AgentTurnResult, AnswerAck, DegradedStep, GatePolicy, GateRecordInput,
+        GateReport, ModelWait, RecheckInput, RecheckResult, Source,
         AnswerInput, ApprovalInput, Audit, Change, Clarification, Decision,
         EffectInput, EffectRef, EffectResult, OpenSpecInput, OpenSpecResult,
         PendingQuestions, Phase, PipelineResult, Plan, PrepareWorkspaceInput,
@@ -124,7 +125,8 @@ class SpecPipeline:
                 change, validation = await self._construct_and_validate(spec, plan)
                 outcome = "approved" if validation.approved else "change_rejected"
             if workspaces and outcome == "approved":
-                decision = await self._approval(inp)
+                gate = await self._gate(inp) if workflow.patched(LOOP_PATCH) else None
+                decision = await self._approval(inp, gate)
                 outcome = "delivered" if decision.approved else "rejected"
                 if decision.approved:
                     await self._deliver(inp)
@@ -140,7 +142,8 @@ class SpecPipeline:
                 delivery=self._status.delivery, decision=self._status.decision,
                 branch=self._status.workspace.branch if self._status.workspace else None,
                 compensated=self._compensated, needs_human=self._status.needs_human,
-                validated_commit=self._status.validated_commit, degraded=self._status.degraded)
+                validated_commit=self._status.validated_commit, degraded=self._status.degraded,
+                gate=self._status.gate)
         except (asyncio.CancelledError, ActivityError) as err:
             if isinstance(err, ActivityError) and not _cancelled(err):
                 await self._fail(f"{_reason(err)}")
@@ -466,8 +469,93 @@ class SpecPipeline:
                                              maximum_interval=timedelta(seconds=30),
                                              maximum_attempts=self._limits.effect_max_attempts))
 
-    async def _approval(self, inp: SpecInput) -> Decision:
-        if inp.auto_approve:
+    # --- Gate 2: before anything irreversible ---------------------------------------------
+
+    def _degraded_roots(self) -> list[str]:
+        """The unverified degraded steps the trajectory was computed from (not the last hop:
+        every step any output of this run carries in its taint)."""
+        verified = {d.step_id for d in self._status.degraded if d.verified_by}
+        roots: list[str] = []
+        for d in self._status.degraded:
+            own = [d.step_id] if d.provenance.trust.value != "full" else []
+            roots += [s for s in [*d.provenance.tainted_by, *own]
+                      if s not in roots and s not in verified]
+        return roots
+
+    async def _gate(self, inp: SpecInput) -> GateReport:
+        """Gate 2 before delivery: a clean trajectory proceeds; a tainted one is re-checked on
+        the primary (policy recheck) or goes to a person (policy human, or a re-check that
+        disagrees or cannot be made). Every decision is recorded in the registry."""
+        roots = self._degraded_roots()
+        gate = GateReport(policy=inp.gate_policy, tainted=bool(roots), degraded_steps=roots)
+        self._status.gate = gate
+        reasons: list[str] = []
+        if roots and inp.gate_policy == GatePolicy.recheck:
+            self._set_phase(Phase.rechecking, None)
+            for step_id in roots:
+                gate.rechecks.append(await self._recheck(step_id))
+            if all(r.agree for r in gate.rechecks):
+                for d in self._status.degraded:
+                    d.verified_by = "gate: re-checked on the primary"
+                gate.tainted = False
+                await self._record_gate(gate, "verified", "gate: re-check on the primary",
+                                        "every degraded step agreed with the primary")
+            else:
+                for r in gate.rechecks:
+                    if r.agree is False:
+                        reasons.append(f"the re-check of {r.step_id} on the primary disagrees: "
+                                       + "; ".join(r.diff))
+                    elif r.agree is None:
+                        reasons.append(f"{r.step_id} could not be re-checked: {r.error}")
+        elif roots:
+            reasons.append("the trajectory is degraded (" + ", ".join(roots) + ") and the "
+                           "spec's gate policy is human")
+        if reasons:
+            gate.needs_human, gate.reason = True, "; ".join(reasons)
+            await self._record_gate(gate, "waiting", "gate", gate.reason, final=False)
+        elif not roots:
+            await self._record_gate(gate, "proceed", "gate: clean trajectory", "")
+        return gate
+
+    async def _recheck(self, step_id: str) -> RecheckResult:
+        role_name, turn, step = step_id.split("/")
+        role = Role(role_name)
+        session = next(s for s in self._status.sessions if s.role == role)
+        try:
+            return await through_outages(lambda: workflow.execute_activity(
+                "recheck_step",
+                RecheckInput(spec_id=self._status.spec_id, iteration=self._status.iteration,
+                             role=role, session_id=session.session_id, turn=int(turn[1:]),
+                             step=int(step[1:]), step_id=step_id, workspace=self._status.workspace,
+                             call_timeout_s=self._limits.model_call_timeout_s),
+                result_type=RecheckResult, summary=f"gate: re-check {step_id} on the primary",
+                start_to_close_timeout=timedelta(seconds=self._limits.turn_timeout_s),
+                heartbeat_timeout=timedelta(seconds=self._limits.heartbeat_timeout_s),
+                retry_policy=RetryPolicy(initial_interval=timedelta(seconds=1),
+                                         maximum_interval=timedelta(seconds=30),
+                                         maximum_attempts=self._limits.model_max_attempts),
+                cancellation_type=ActivityCancellationType.WAIT_CANCELLATION_COMPLETED),
+                f"re-check {step_id}")
+        except ActivityError as err:
+            if _cancelled(err):
+                raise asyncio.CancelledError() from None
+            return RecheckResult(step_id=step_id, role=role, error=_reason(err))
+
+    async def _record_gate(self, gate: GateReport, decision: str, by: str, reason: str, *,
+                           final: bool = True, key: str = "deliver") -> None:
+        at = await workflow.execute_activity(
+            "record_gate",
+            GateRecordInput(spec_id=self._status.spec_id, iteration=self._status.iteration,
+                            key=f"i{self._status.iteration}/gate/{key}", decision=decision,
+                            decided_by=by, reason=reason, steps=gate.degraded_steps),
+            result_type=str, summary=f"gate: {decision} ({by})", **BOOKKEEPING)
+        if final:
+            gate.decision, gate.decided_by, gate.decided_at = decision, by, at
+        else:
+            gate.decision = decision
+
+    async def _approval(self, inp: SpecInput, gate: GateReport | None = None) -> Decision:
+        if inp.auto_approve and (gate is None or not gate.needs_human):
             self._status.decision = Decision(approved=True, reviewer="policy: auto_approve")
             return self._status.decision
         ws = self._status.workspace
@@ -475,11 +563,17 @@ class SpecPipeline:
             f"approval to merge {ws.branch if ws else 'the change'} into "
             f"{ws.target if ws else 'the target'}: send the `approve` update "
             f"(relay approve {self._status.spec_id}) or `reject` with a reason")
+        if gate is not None and gate.needs_human:
+            self._status.waiting_for += f". A person must decide: {gate.reason}"
         self._set_phase(Phase.waiting_for_approval, None)
         await workflow.wait_condition(lambda: self._decision is not None)
         self._status.waiting_for = None
         self._status.decision = self._decision
         assert self._decision is not None
+        if gate is not None and gate.needs_human:
+            who = f"human: {self._decision.reviewer or 'unnamed'}"
+            await self._record_gate(gate, "approved" if self._decision.approved else "rejected",
+                                    who, self._decision.reason or "", key="deliver/human")
         return self._decision
 
     async def _deliver(self, inp: SpecInput) -> None:

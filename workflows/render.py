@@ -78,9 +78,25 @@ def details(status: Status) -> str:
         lines.append(f"- approve: update `approve` (signal `approve_signal`), JSON "
                      f"`{APPROVE_PAYLOAD}`\n"
                      f"- reject: update `reject` (signal `reject_signal`), JSON `{REJECT_PAYLOAD}`")
+    elif phase == Phase.waiting_for_model and status.model_wait:
+        w = status.model_wait
+        lines.append(f"Waiting for the {w.role.value}'s model `{w.model}`: no model of its chain "
+                     f"is available. Next attempt at {w.next_attempt_at}; last error: "
+                     f"{w.last_error}. Nothing to send: relay tries again by itself.")
     elif phase not in _ENDED:
         who = f"the {status.current_role.value}" if status.current_role else "relay"
         lines.append(f"Nothing to send now: {who} is working.")
+    if status.gate is not None and status.gate.needs_human:
+        lines.append(f"**Gate 2: a person must decide** — {status.gate.reason}")
+    if status.degraded:
+        lines.append("degraded trajectory:\n" + "\n".join(
+            f"- `{d.step_id}` {d.provenance.source.value}/{d.provenance.trust.value}"
+            f" ({d.provenance.model}): {d.reason}"
+            + (f" — verified by {d.verified_by}" if d.verified_by else "")
+            for d in status.degraded))
+    if status.gate is not None and status.gate.decision and not status.gate.needs_human:
+        lines.append(f"Gate 2: {status.gate.decision}"
+                     + (f" by {status.gate.decided_by}" if status.gate.decided_by else ""))
     if status.needs_human:
         lines.append("**needs a human**: compensation failed for "
                      + ", ".join(f"{e.effect} ({e.step})" for e in status.needs_human)

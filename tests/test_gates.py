@@ -1,0 +1,149 @@
+"""Gate 2 before delivery: a tainted trajectory is re-checked on the primary or shown to a
+person; auto_approve approves a clean trajectory only; every decision is recorded.
+
+Real dev server, the scripted model over HTTP with faults aimed at the primary model only.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest_asyncio
+
+from relay.models import GatePolicy, Phase, Role, Trust
+from relay.scripted_model import Fault
+from tests.conftest import (
+    ANSWERS,
+    RELAY_CMD,
+    SCRIPTED_MODEL,
+    cli_env,
+    model_endpoint_for,
+    spec_id,
+    wait_for,
+    wait_for_questions,
+)
+from tests.test_agent_loop import FALLBACK
+from tests.test_cli import cli, ok
+from worker.main import build_worker
+
+PLANNER_OUTAGE = 4  # the plan and its revision each use up 2 attempts on the primary
+
+
+@pytest_asyncio.fixture
+async def gated(client, settings, registry, model_server):
+    s = settings.model_copy(update={"capacity_attempts": 2, "fallback_models": FALLBACK,
+                                    "model_wait_s": 0.5, "model_wait_max_s": 1.0})
+    endpoint = model_endpoint_for(model_server)
+    worker = build_worker(client, task_queue=s.task_queue, registry=registry, endpoint=endpoint,
+                          settings=s)
+    from relay.client import RelayClient
+    async with worker:
+        yield RelayClient(client, s, registry)
+    await endpoint.client.close()
+
+
+async def start(rc, request: str = "Write a greeting module", **options) -> str:
+    sid = await rc.run(request, spec_id=spec_id("gate"), **options)
+    await wait_for_questions(rc, sid)
+    await rc.answer(sid, ANSWERS)
+    return sid
+
+
+async def test_a_degraded_trajectory_is_rechecked_agrees_and_is_delivered(gated, model_server,
+                                                                          registry):
+    model_server.add_fault(Fault(kind="overloaded", role="planner", model=SCRIPTED_MODEL,
+                                 count=PLANNER_OUTAGE))
+    sid = await start(gated, auto_approve=True)
+    result = await gated.result(sid)
+    assert result.outcome == "delivered"
+    gate = result.gate
+    assert gate is not None and gate.decision == "verified" and not gate.needs_human
+    assert gate.decided_by == "gate: re-check on the primary" and gate.decided_at
+    assert set(gate.degraded_steps) == {"planner/t1/s0", "planner/t2/s0"}
+    assert all(r.agree and r.model == SCRIPTED_MODEL for r in gate.rechecks)
+    assert all(d.verified_by for d in result.degraded)
+    planner = registry.messages(registry.find_session(sid, Role.planner).id)
+    assert all(m.verified_by for m in planner if m.role == "assistant")
+    records = {r.key: r for r in registry.gate_records(sid)}
+    assert records["i1/gate/deliver"].decision == "verified"
+    assert records["i1/recheck/planner/t1/s0"].agree is True
+    # the re-checks were paid once each, on the primary
+    rechecks = [r for r in model_server.recorded("planner")
+                if r.model == SCRIPTED_MODEL and r.status == 200]
+    assert len(rechecks) == 2
+
+
+async def test_a_recheck_that_disagrees_waits_for_a_person_who_sees_the_diff(
+        gated, model_server, registry, settings):
+    model_server.add_fault(Fault(kind="overloaded", role="planner", model=SCRIPTED_MODEL,
+                                 count=PLANNER_OUTAGE))
+    model_server.add_fault(Fault(kind="divergent", role="planner", model=SCRIPTED_MODEL))
+    sid = await start(gated, auto_approve=True)  # auto_approve never skips Gate 2
+    st = await wait_for(gated, sid, lambda s: s.phase == Phase.waiting_for_approval, 60)
+    assert st.gate.needs_human and st.gate.decision == "waiting"
+    disagree = [r for r in st.gate.rechecks if r.agree is False]
+    assert disagree and "+ do something else entirely" in disagree[0].diff
+    assert "disagrees" in st.waiting_for and "A person must decide" in st.waiting_for
+    shown = ok(await cli(gated.settings, "status", sid))
+    assert "Gate 2" in shown and "disagrees" in shown and "degraded: planner/t1/s0" in shown
+    assert "+ do something else entirely" in shown
+    await gated.approve(sid, reviewer="alice")
+    result = await gated.result(sid)
+    assert result.outcome == "delivered"
+    assert result.gate.decision == "approved" and result.gate.decided_by == "human: alice"
+    assert registry.gate_record(sid, "i1/gate/deliver/human").decision == "approved"
+
+    # the same, rejected: every effect is compensated
+    model_server.add_fault(Fault(kind="overloaded", role="planner", model=SCRIPTED_MODEL,
+                                 count=PLANNER_OUTAGE))
+    model_server.add_fault(Fault(kind="divergent", role="planner", model=SCRIPTED_MODEL))
+    other = await start(gated, "Write a farewell module", auto_approve=True)
+    await wait_for(gated, other, lambda s: s.phase == Phase.waiting_for_approval, 60)
+    await gated.reject(other, "the plans differ", reviewer="bob")
+    rejected = await gated.result(other)
+    assert rejected.outcome == "rejected" and rejected.compensated
+    assert registry.gate_record(other, "i1/gate/deliver/human").decision == "rejected"
+
+
+async def test_policy_human_always_asks_a_person_for_a_tainted_trajectory(gated, model_server,
+                                                                          registry):
+    model_server.add_fault(Fault(kind="overloaded", role="planner", model=SCRIPTED_MODEL,
+                                 count=PLANNER_OUTAGE))
+    sid = await start(gated, auto_approve=True, gate_policy=GatePolicy.human)
+    st = await wait_for(gated, sid, lambda s: s.phase == Phase.waiting_for_approval, 60)
+    assert st.gate.needs_human and not st.gate.rechecks and "policy is human" in st.gate.reason
+    await gated.approve(sid, reviewer="carol")
+    assert (await gated.result(sid)).outcome == "delivered"
+
+
+async def test_a_clean_trajectory_is_auto_approved_and_the_decision_recorded(gated, registry):
+    sid = await start(gated, auto_approve=True)
+    result = await gated.result(sid)
+    assert result.outcome == "delivered" and not result.degraded
+    assert result.gate.decision == "proceed" and result.gate.decided_by == "gate: clean trajectory"
+    assert registry.gate_record(sid, "i1/gate/deliver").decision == "proceed"
+
+
+async def test_taint_crosses_iterations_until_verified(gated, model_server, registry):
+    """A degraded plan of iteration 1, approved by a person but never verified, taints the
+    planner's resumed session in iteration 2, and everything computed from it."""
+    model_server.add_fault(Fault(kind="overloaded", role="planner", model=SCRIPTED_MODEL,
+                                 count=PLANNER_OUTAGE))
+    sid = await start(gated, gate_policy=GatePolicy.human)
+    await wait_for(gated, sid, lambda s: s.phase == Phase.waiting_for_approval, 60)
+    await gated.approve(sid, reviewer="dave")
+    assert (await gated.result(sid)).outcome == "delivered"
+
+    await gated.iterate(sid, "Greet in Italian too", gate_policy=GatePolicy.human)
+    st = await wait_for(gated, sid, lambda s: s.iteration == 2
+                        and s.phase == Phase.waiting_for_approval, 60)
+    planner = next(d for d in st.degraded if d.role == Role.planner)
+    assert planner.provenance.trust == Trust.full  # answered by the primary this time
+    assert "planner/t1/s0" in planner.provenance.tainted_by
+    assert {d.role for d in st.degraded} >= {Role.planner, Role.auditor, Role.validator}
+    rows = registry.messages(registry.find_session(sid, Role.planner).id)
+    newest = [m for m in rows if m.role == "assistant"][-1]
+    assert "planner/t1/s0" in (newest.tainted_by or [])
+    await gated.reject(sid, "tainted")
+    await gated.result(sid)
+    assert json.dumps(st.model_dump(mode="json"))  # the status serialises for every client
