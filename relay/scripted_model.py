@@ -495,6 +495,12 @@ class ScriptedModel:
             if kind == "divergent":
                 output = divergent_output(role, output)
             calls = [(OUTPUT_TOOLS[role], output)]
+            if (tools and role == Role.constructor and "write_file" in tools
+                    and scripted_workspace.NO_TOOLS in original):
+                # one answer, as without tools, that still writes what it declares: only what
+                # the tools write reaches the repository
+                calls = [("write_file", {"path": f["path"], "content": f["content"]})
+                         for f in output.get("files") or []] + calls
         self._record(role, body, 200, kind, auth)
         if kind == "truncated":
             raise _Transport(fault, self._message(body, calls))  # type: ignore[arg-type]

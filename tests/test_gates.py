@@ -65,7 +65,7 @@ async def test_a_degraded_trajectory_is_rechecked_agrees_and_is_delivered(gated,
     planner = registry.messages(registry.find_session(sid, Role.planner).id)
     assert all(m.verified_by for m in planner if m.role == "assistant")
     records = {r.key: r for r in registry.gate_records(sid)}
-    assert records["i1/gate/deliver"].decision == "verified"
+    assert records["i1/gate/deliver/recheck"].decision == "verified"
     assert records["i1/recheck/planner/t1/s0"].agree is True
     # the re-checks were paid once each, on the primary
     rechecks = [r for r in model_server.recorded("planner")
@@ -147,3 +147,57 @@ async def test_taint_crosses_iterations_until_verified(gated, model_server, regi
     await gated.reject(sid, "tainted")
     await gated.result(sid)
     assert json.dumps(st.model_dump(mode="json"))  # the status serialises for every client
+
+
+# --- destructive changes and what lands ----------------------------------------------------
+
+
+async def test_a_destructive_deletion_needs_a_person_even_with_auto_approve(relay, user_repo,
+                                                                            registry):
+    """The constructor deletes README.md, which exists on main: a clean trajectory and
+    auto_approve, and still a person decides (gate on risk, not on confidence)."""
+    from tests.test_workspace import start as start_in, waiting_for_approval
+    sid = await start_in(relay, "Write a greeting module [delete-readme]", user_repo,
+                         auto_approve=True)
+    st = await waiting_for_approval(relay, sid)
+    assert st.phase == Phase.waiting_for_approval, st.error
+    assert not st.degraded and st.gate.needs_human
+    assert st.gate.destructive == ["deletes README.md, which exists on main"]
+    assert "gate on risk, not on confidence" in st.waiting_for
+    assert (user_repo / "README.md").is_file()  # nothing landed yet
+    await relay.approve(sid, reviewer="erin")
+    result = await relay.result(sid)
+    assert result.outcome == "delivered" and not (user_repo / "README.md").exists()
+    assert registry.gate_record(sid, "i1/gate/deliver/human").decided_by == "human: erin"
+
+
+async def test_a_constructor_that_only_declares_files_is_never_delivered(relay, user_repo,
+                                                                         model_server):
+    """The constructor answers with file contents and writes none: the branch's diff is empty,
+    so the change did not happen; it is told to write through its tools, the validator is
+    never asked to approve a description, and nothing is delivered."""
+    from tests.conftest import git
+    from tests.test_workspace import start as start_in
+    before = git(user_repo, "rev-parse", "main")
+    sid = await start_in(relay, "Write a greeting module [declare-only]", user_repo,
+                         auto_approve=True)
+    result = await relay.result(sid)
+    assert result.outcome == "change_rejected"
+    assert "change_not_made" in result.flags and result.delivery is None
+    assert git(user_repo, "rev-parse", "main") == before
+    assert model_server.recorded("validator") == []
+    fixes = model_server.recorded("constructor")[1:]
+    assert fixes and "No file changed on the branch" in json.dumps(fixes[0].body["messages"][-1])
+    system = model_server.recorded("constructor")[0].body["system"][0]["text"]
+    assert "only what you write with write_file" in " ".join(system.split())
+
+
+async def test_the_validator_judges_the_branchs_real_diff(relay, user_repo, model_server):
+    from tests.test_workspace import start as start_in, waiting_for_approval
+    sid = await start_in(relay, "Write a greeting module", user_repo)
+    await waiting_for_approval(relay, sid)
+    shown = json.dumps(model_server.recorded("validator")[0].body["messages"][-1])
+    assert "Files changed on the branch" in shown and "A greeting.py" in shown
+    assert "+def greet" in shown  # the diff itself, read from git
+    await relay.reject(sid, "only looking")
+    await relay.result(sid)

@@ -26,7 +26,8 @@ with workflow.unsafe.imports_passed_through():
     from relay.models import (
         OUTCOME_SEARCH_ATTRIBUTE, PHASE_SEARCH_ATTRIBUTE, ROLES, WORKFLOW_TYPE,
         AgentTurnInput, AgentTurnResult, AnswerAck, DegradedStep, GatePolicy, GateRecordInput,
-        GateReport, ModelWait, RecheckInput, RecheckResult, Source,
+        GateReport, ModelWait, RecheckInput, RecheckResult, Source, ChangeReport,
+        InspectChangeInput,
         AnswerInput, ApprovalInput, Audit, Change, Clarification, Decision,
         EffectInput, EffectRef, EffectResult, OpenSpecInput, OpenSpecResult,
         PendingQuestions, Phase, PipelineResult, Plan, PrepareWorkspaceInput,
@@ -276,10 +277,20 @@ class SpecPipeline:
         change = Change.model_validate(built.output)
         for round_no in range(1, self._limits.max_fix_rounds + 1):
             self._status.rounds["validate"] = round_no
-            self._set_phase(Phase.validating, Role.validator)
-            validation = Validation.model_validate((await self._turn(
-                Role.validator, "validate", spec=spec, plan=render.plan(plan),
-                change=render.change(change))).output)
+            report = await self._inspect(change)
+            if report is not None and report.empty:
+                # the constructor described a change it never wrote: nothing to validate, and
+                # never anything to deliver; it is told how its work reaches the repository
+                self._flag("change_not_made")
+                validation = Validation(approved=False, failures=[render.EMPTY_CHANGE])
+            else:
+                if report is not None and report.declared_mismatch:
+                    self._flag("declared_files_differ")
+                self._set_phase(Phase.validating, Role.validator)
+                validation = Validation.model_validate((await self._turn(
+                    Role.validator, "validate", spec=spec, plan=render.plan(plan),
+                    change=render.real_change(change, report) if report is not None
+                    else render.change(change))).output)
             if validation.approved or round_no == self._limits.max_fix_rounds:
                 if not validation.approved:
                     self._flag("change_not_approved")
@@ -416,6 +427,28 @@ class SpecPipeline:
                 raise asyncio.CancelledError() from None
             raise SpecFailed(f"workspace: {_reason(err)}") from None
 
+    async def _inspect(self, change: Change) -> ChangeReport | None:
+        """The branch's real change against the target (what the validator judges and what
+        lands), for runs with the loop in the workflow and a workspace."""
+        ws = self._status.workspace
+        if ws is None or not workflow.patched(LOOP_PATCH):
+            return None
+        try:
+            report = await through_outages(lambda: workflow.execute_activity(
+                "inspect_change",
+                InspectChangeInput(spec_id=self._status.spec_id, workspace=ws, commit=self._head,
+                                   declared=change.files,
+                                   destructive_share=self._limits.destructive_share),
+                result_type=ChangeReport, summary="inspect the branch's change against "
+                                                  f"{ws.target}", **self._effect_options()),
+                "inspect change")
+        except ActivityError as err:
+            if _cancelled(err):
+                raise asyncio.CancelledError() from None
+            raise SpecFailed(f"workspace: {_reason(err)}") from None
+        self._status.change_report = report
+        return report
+
     async def _commit(self, built: AgentTurnResult, round_no: int) -> None:
         ws = self._status.workspace
         if ws is None:
@@ -487,9 +520,15 @@ class SpecPipeline:
         the primary (policy recheck) or goes to a person (policy human, or a re-check that
         disagrees or cannot be made). Every decision is recorded in the registry."""
         roots = self._degraded_roots()
-        gate = GateReport(policy=inp.gate_policy, tainted=bool(roots), degraded_steps=roots)
+        report = self._status.change_report
+        gate = GateReport(policy=inp.gate_policy, tainted=bool(roots), degraded_steps=roots,
+                          destructive=list(report.destructive) if report else [])
         self._status.gate = gate
         reasons: list[str] = []
+        if gate.destructive:
+            # gate on risk, not on confidence: whatever the trajectory's trust or auto_approve
+            reasons.append("a destructive change always needs a person (gate on risk, not on "
+                           "confidence): " + "; ".join(gate.destructive))
         if roots and inp.gate_policy == GatePolicy.recheck:
             self._set_phase(Phase.rechecking, None)
             for step_id in roots:
@@ -499,7 +538,8 @@ class SpecPipeline:
                     d.verified_by = "gate: re-checked on the primary"
                 gate.tainted = False
                 await self._record_gate(gate, "verified", "gate: re-check on the primary",
-                                        "every degraded step agreed with the primary")
+                                        "every degraded step agreed with the primary",
+                                        key="deliver/recheck")
             else:
                 for r in gate.rechecks:
                     if r.agree is False:

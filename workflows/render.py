@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from relay.models import Change, Phase, Plan, Question, Status
+from relay.models import Change, ChangeReport, Phase, Plan, Question, Status
 
 
 def bullets(items: list[str]) -> str:
@@ -19,6 +19,25 @@ def plan(p: Plan) -> str:
 def change(c: Change) -> str:
     files = "\n\n".join(f"--- {f.path}\n{f.content}" for f in c.files) or "(no files)"
     return f"{c.summary}\n\n{files}"
+
+
+EMPTY_CHANGE = ("No file changed on the branch: the change you described did not happen. Only "
+                "what you write with write_file (or remove with delete_file) reaches the "
+                "repository; your submitted description is not applied. Write each file through "
+                "your tools, then submit the change again.")
+
+
+def real_change(c: Change, report: ChangeReport) -> str:
+    """What the validator judges: the branch's real diff against the target, with the
+    constructor's summary for context and any declared file that differs flagged."""
+    files = "\n".join(f"{f.status} {f.path} (+{f.added} -{f.removed})" for f in report.files)
+    parts = [f"The constructor's summary: {c.summary}",
+             f"Files changed on the branch (git, against the target):\n{files}"]
+    if report.declared_mismatch:
+        parts.append("WARNING: what the constructor declared differs from the branch:\n"
+                     + "\n".join(f"- {m}" for m in report.declared_mismatch))
+    parts.append(f"The diff:\n{report.diff}")
+    return "\n\n".join(parts)
 
 
 def answers(questions: list[Question], given: dict[str, str]) -> str:
