@@ -418,7 +418,12 @@ class ModelStepActivities:
                 return RecheckResult(step_id=inp.step_id, role=inp.role, model=exchange.model,
                                      error=f"the primary gave no valid result: {exchange.error}")
             fresh, model = exchange.output, exchange.model
+            # paid: carried in the heartbeats until the verdict is recorded, so an attempt that
+            # dies now hands it to the next one instead of paying for it again
             carry({"recheck": {"key": key, "output": fresh, "model": model}})
+            if self.executor is not None:
+                await asyncio.to_thread(self.executor.failpoints.hit, "gate.after_recheck_call",
+                                        inp.step_id)
         diff = compare(inp.role, degraded, fresh)
         record = await patiently(self.registry.add_gate_record, GateRecord(
             spec_id=inp.spec_id, iteration=inp.iteration, key=key, kind="recheck",

@@ -201,3 +201,114 @@ async def test_the_validator_judges_the_branchs_real_diff(relay, user_repo, mode
     assert "+def greet" in shown  # the diff itself, read from git
     await relay.reject(sid, "only looking")
     await relay.result(sid)
+
+
+# --- SIGKILL of the worker ------------------------------------------------------------------
+
+
+async def _worker(settings, log, failpoints: str = ""):
+    import asyncio
+    return await asyncio.create_subprocess_exec(
+        *RELAY_CMD, "worker", env=cli_env(settings) | {"RELAY_FAILPOINTS": failpoints},
+        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
+        stderr=log.open("ab"))
+
+
+async def _stop(*procs) -> None:
+    for proc in procs:
+        if proc is not None and proc.returncode is None:
+            proc.terminate()
+            await proc.wait()
+
+
+def _fallback_settings(settings):
+    return settings.model_copy(update={"capacity_attempts": 2, "fallback_models": FALLBACK,
+                                       "heartbeat_timeout_s": 2})
+
+
+def _nothing_twice(registry, sid: str) -> None:
+    for session in registry.sessions(sid):
+        keys = [(m.turn, m.step, m.role) for m in registry.messages(session.id)]
+        assert len(keys) == len(set(keys)), session.role
+
+
+async def test_sigkill_during_a_fallback_call(client, settings, registry, model_server, tmp_path):
+    """The worker dies while the fallback model answers the planner: a new worker takes the
+    step over, the fallback answer is recorded once (degraded), the gate re-checks it and the
+    spec is delivered."""
+    import signal
+
+    from relay.client import RelayClient
+    from tests.conftest import until
+    s = _fallback_settings(settings)
+    rc = RelayClient(client, s, registry)
+    log = tmp_path / "workers.log"
+    first = await _worker(s, log)
+    second = None
+    try:
+        sid = await rc.run("Write a greeting module", spec_id=spec_id("killfb"),
+                           auto_approve=True)
+        await wait_for_questions(rc, sid, timeout=90)
+        model_server.add_fault(Fault(kind="overloaded", role="planner", model=SCRIPTED_MODEL,
+                                     count=PLANNER_OUTAGE))
+        model_server.add_fault(Fault(kind="slow", role="planner", model=FALLBACK, delay_s=4))
+        await rc.answer(sid, ANSWERS)
+        await until(lambda: any(r.model == FALLBACK for r in model_server.recorded("planner"))
+                    or model_server.arrived("planner") >= 3, timeout=90)
+        first.send_signal(signal.SIGKILL)
+        await first.wait()
+        second = await _worker(s, log)
+        result = await rc.result(sid)
+    finally:
+        await _stop(first, second)
+    assert result.outcome == "delivered" and result.gate.decision == "verified"
+    _nothing_twice(registry, sid)
+    planner = [m for m in registry.messages(registry.find_session(sid, Role.planner).id)
+               if m.role == "assistant"]
+    assert all((m.source, m.model) == ("fallback", FALLBACK) for m in planner)
+
+
+async def test_sigkill_between_a_recheck_and_its_verdict(client, settings, registry,
+                                                         model_server, tmp_path):
+    """The worker dies after the primary answered a re-check and before its verdict was
+    recorded: the answer rode in the heartbeat, the next attempt records the verdict without
+    asking the primary again, and the gate decision is recorded."""
+    import asyncio
+    import signal
+
+    from relay.client import RelayClient
+    from tests.conftest import until
+    from tests.test_registry_outage import pending_heartbeat
+    s = _fallback_settings(settings)
+    rc = RelayClient(client, s, registry)
+    log = tmp_path / "workers.log"
+    pause = tmp_path / "pause"
+    first = await _worker(s, log, f"gate.after_recheck_call:planner/t1/s0@{pause}")
+    second = None
+    try:
+        sid = await rc.run("Write a greeting module", spec_id=spec_id("killgate"),
+                           auto_approve=True)
+        await wait_for_questions(rc, sid, timeout=90)
+        model_server.add_fault(Fault(kind="overloaded", role="planner", model=SCRIPTED_MODEL,
+                                     count=PLANNER_OUTAGE))
+        await rc.answer(sid, ANSWERS)
+        await until(lambda: (pause / "reached").exists(), timeout=90)
+        deadline = asyncio.get_running_loop().time() + 30
+        while not await pending_heartbeat(client, sid, "recheck_step"):
+            assert asyncio.get_running_loop().time() < deadline, "the answer was never carried"
+            await asyncio.sleep(0.1)
+        first.send_signal(signal.SIGKILL)
+        await first.wait()
+        primary_before = [r for r in model_server.recorded("planner")
+                          if r.model == SCRIPTED_MODEL and r.status == 200]
+        second = await _worker(s, log)
+        result = await rc.result(sid)
+    finally:
+        await _stop(first, second)
+    assert result.outcome == "delivered" and result.gate.decision == "verified"
+    primary = [r for r in model_server.recorded("planner")
+               if r.model == SCRIPTED_MODEL and r.status == 200]
+    assert len(primary_before) == 1 and len(primary) == 2  # each re-check paid once
+    assert "gate.recheck_carried_answer_used" in log.read_text()
+    assert registry.gate_record(sid, "i1/recheck/planner/t1/s0").agree is True
+    assert registry.gate_record(sid, "i1/gate/deliver/recheck").decision == "verified"
