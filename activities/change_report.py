@@ -13,6 +13,7 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from activities.git_effects import GitError, git, run_git
+from relay.effects import EffectRegistry
 from relay.models import ChangedFile, ChangeReport, InspectChangeInput
 
 MAX_DIFF_CHARS = 20_000
@@ -58,9 +59,21 @@ def inspect(inp: InspectChangeInput) -> ChangeReport:
                         declared_mismatch=mismatch)
 
 
-@activity.defn(name="inspect_change")
-async def inspect_change(inp: InspectChangeInput) -> ChangeReport:
-    try:
-        return await asyncio.to_thread(inspect, inp)
-    except GitError as exc:
-        raise ApplicationError(str(exc), type="WorkspaceError", non_retryable=True) from None
+class ChangeActivities:
+    def __init__(self, effects: EffectRegistry | None = None) -> None:
+        self.effects = effects
+
+    @activity.defn(name="inspect_change")
+    async def inspect_change(self, inp: InspectChangeInput) -> ChangeReport:
+        try:
+            report = await asyncio.to_thread(inspect, inp)
+        except GitError as exc:
+            raise ApplicationError(str(exc), type="WorkspaceError", non_retryable=True) from None
+        for name in inp.hooks:  # an adopter's effect declared destructive
+            try:
+                destructive = self.effects is not None and self.effects.get(name).destructive
+            except KeyError:
+                destructive = False
+            if destructive:
+                report.destructive.append(f"runs {name} at delivery, declared destructive")
+        return report

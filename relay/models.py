@@ -611,6 +611,7 @@ class InspectChangeInput(BaseModel):
     commit: str | None = None
     declared: list[FileChange] = Field(default_factory=list)
     destructive_share: float = 0.5
+    hooks: list[str] = Field(default_factory=list, description="effects run at delivery")
 
 
 class ChangeReport(BaseModel):

@@ -64,6 +64,7 @@ class RelaySettings(BaseSettings):
     model_wait_s: float = like_limits("model_wait_s")
     model_wait_max_s: float = like_limits("model_wait_max_s")
     model_call_timeout_s: float | None = like_limits("model_call_timeout_s")
+    destructive_share: float = like_limits("destructive_share")
 
     # Gate 1: models that answer when the primary is out of capacity, comma-separated, in
     # order; RELAY_FALLBACK_MODELS_<ROLE> (e.g. RELAY_FALLBACK_MODELS_PLANNER) overrides it.
@@ -113,6 +114,7 @@ class RelaySettings(BaseSettings):
             model_wait_s=self.model_wait_s,
             model_wait_max_s=self.model_wait_max_s,
             model_call_timeout_s=self.model_call_timeout_s,
+            destructive_share=self.destructive_share,
         )
 
     def fallback_chains(self) -> tuple[list[str], dict[Role, list[str]]]:

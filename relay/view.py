@@ -237,10 +237,13 @@ def print_history(console: Console, session: AgentSession, messages: list[Sessio
         body = "\n".join(_block_text(b) for b in m.content)
         extra = "" if m.role == "user" else f" · {m.model} · {m.source}/{m.trust}" + (
             " · [red]invalid[/red]" if m.valid is False else "")
+        marks = []  # in the body: a panel title is cut to the terminal's width
         if m.role == "assistant" and m.trust != "full":
-            extra += (f" · [green]verified ({escape(m.verified_by)})[/green]" if m.verified_by
-                      else f" · [bold yellow]{m.trust.upper()}[/bold yellow]")
+            marks.append(f"{m.trust.upper()} ({m.source} answer)"
+                         + (f", verified by {m.verified_by}" if m.verified_by else ""))
         if m.role == "assistant" and m.tainted_by:
-            extra += f" · [yellow]tainted by {escape(', '.join(m.tainted_by))}[/yellow]"
+            marks.append("tainted by " + ", ".join(m.tainted_by))
+        if marks:
+            body = "\n".join(f"[{mark}]" for mark in marks) + "\n" + body
         console.print(Panel(Text(body), title=Text.from_markup(
             f"#{m.seq} turn {m.turn} {m.role}{extra}"), title_align="left"))

@@ -253,3 +253,14 @@ async def test_an_outage_without_fallback_waits_visibly_and_loses_nothing(gated,
     assert paid(model_server, "planner") == 2
     assert all(r.status == "done" for r in Ledger(registry).effects(sid))
     assert (await rc.status(sid)).model_wait is None
+
+
+def test_fallback_chains_come_from_settings_with_a_per_role_override(monkeypatch):
+    from relay.models import SpecInput
+    from relay.settings import RelaySettings
+    monkeypatch.setenv("RELAY_FALLBACK_MODELS", "model-b, model-c")
+    monkeypatch.setenv("RELAY_FALLBACK_MODELS_PLANNER", "model-p")
+    every, by_role = RelaySettings().fallback_chains()
+    spec = SpecInput(request="x", fallback_models=every, fallback_models_by_role=by_role)
+    assert spec.fallbacks(Role.planner) == ["model-p"]
+    assert spec.fallbacks(Role.auditor) == ["model-b", "model-c"]

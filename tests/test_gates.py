@@ -144,6 +144,8 @@ async def test_taint_crosses_iterations_until_verified(gated, model_server, regi
     rows = registry.messages(registry.find_session(sid, Role.planner).id)
     newest = [m for m in rows if m.role == "assistant"][-1]
     assert "planner/t1/s0" in (newest.tainted_by or [])
+    shown = ok(await cli(gated.settings, "history", sid, "planner"))
+    assert "DEGRADED" in shown and "tainted by planner/t1/s0" in " ".join(shown.split())
     await gated.reject(sid, "tainted")
     await gated.result(sid)
     assert json.dumps(st.model_dump(mode="json"))  # the status serialises for every client
@@ -312,3 +314,17 @@ async def test_sigkill_between_a_recheck_and_its_verdict(client, settings, regis
     assert "gate.recheck_carried_answer_used" in log.read_text()
     assert registry.gate_record(sid, "i1/recheck/planner/t1/s0").agree is True
     assert registry.gate_record(sid, "i1/gate/deliver/recheck").decision == "verified"
+
+
+async def test_an_adopter_effect_declared_destructive_needs_a_person(relay, tmp_path):
+    from relay.models import HookEffect
+    tracker = tmp_path / "tracker"
+    tracker.mkdir()
+    sid = await start(relay, auto_approve=True, hooks=[
+        HookEffect(effect="tickets.purge", at="deliver", payload={"dir": str(tracker)})])
+    st = await wait_for(relay, sid, lambda s: s.phase == Phase.waiting_for_approval, 60)
+    assert st.gate.destructive == ["runs tickets.purge at delivery, declared destructive"]
+    assert not (tracker / f"{sid}.purged").exists()
+    await relay.approve(sid, reviewer="frank")
+    assert (await relay.result(sid)).outcome == "delivered"
+    assert (tracker / f"{sid}.purged").exists()

@@ -23,7 +23,7 @@ from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxR
 
 from activities import AgentTurnActivities, RegistryActivities
 from activities.effects import EffectActivities, EffectExecutor
-from activities.change_report import inspect_change
+from activities.change_report import ChangeActivities
 from activities.git_effects import git_effects
 from activities.model_step import ModelStepActivities
 from activities.workspace import WorkspaceActivities
@@ -120,7 +120,7 @@ def build_worker(client: Client, *, task_queue: str, registry: Registry,
         # agent_turn: the whole turn in one activity, kept for runs recorded before the loop
         # moved into the workflow (workflows/pipeline.LOOP_PATCH)
         activities=[steps.model_step, steps.agent_tool, steps.recheck_step, bookkeeping.record_gate,
-                    inspect_change,
+                    ChangeActivities(executor.effects).inspect_change,
                     turns.agent_turn, bookkeeping.open_spec, bookkeeping.set_session_states,
                     side_effects.run_effect, side_effects.pending_compensations,
                     side_effects.compensate_effect, side_effects.mark_needs_human,

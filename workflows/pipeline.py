@@ -438,7 +438,9 @@ class SpecPipeline:
                 "inspect_change",
                 InspectChangeInput(spec_id=self._status.spec_id, workspace=ws, commit=self._head,
                                    declared=change.files,
-                                   destructive_share=self._limits.destructive_share),
+                                   destructive_share=self._limits.destructive_share,
+                                   hooks=[h.effect for h in self._input.hooks
+                                          if h.at == "deliver"]),
                 result_type=ChangeReport, summary="inspect the branch's change against "
                                                   f"{ws.target}", **self._effect_options()),
                 "inspect change")
