@@ -9,10 +9,11 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError, ApplicationErrorCategory
 
 from relay.models import (
-    ROLES, Budget, OpenSpecInput, OpenSpecResult, SessionRef, SessionStateInput, WorkspaceInput,
+    ROLES, Budget, GateRecordInput, OpenSpecInput, OpenSpecResult, SessionRef,
+    SessionStateInput, WorkspaceInput,
 )
 from relay.pricing import PriceTable, load_prices, spec_cost
-from relay.registry import Registry, SpecConflict
+from relay.registry import GateRecord, Registry, SpecConflict
 
 
 log = structlog.get_logger("relay.registry")
@@ -61,3 +62,14 @@ class RegistryActivities:
             (log.error if inp.spec_status == "failed" else log.info)(
                 "spec.closed", spec_id=inp.spec_id, status=inp.spec_status, outcome=inp.outcome,
                 error=inp.error)
+
+    @activity.defn(name="record_gate")
+    async def record_gate(self, inp: GateRecordInput) -> str:
+        """Record a Gate 2 decision once (idempotent on its key); returns when it was made."""
+        row = await asyncio.to_thread(self.registry.add_gate_record, GateRecord(
+            spec_id=inp.spec_id, iteration=inp.iteration, key=inp.key, kind="decision",
+            decision=inp.decision, decided_by=inp.decided_by, reason=inp.reason,
+            diff=inp.steps or None))
+        log.info("gate.decision", spec_id=inp.spec_id, key=inp.key, decision=row.decision,
+                 decided_by=row.decided_by)
+        return row.created_at.isoformat()

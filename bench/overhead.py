@@ -59,12 +59,21 @@ async def wait_for_questions(rc: RelayClient, sid: str) -> None:
         await asyncio.sleep(0.005)
 
 
-async def effect_ms(client, sid: str, after: float) -> float:
-    """Time the run spent in its saga steps (git effects) after `after` (epoch seconds):
-    from scheduling an effect to the workflow's next command, i.e. the effect's activity and
-    the workflow task that follows it."""
+SAGA = ("run_effect", "prepare_workspace", "inspect_change", "record_gate")
+TOOLS = ("agent_tool",)
+
+
+async def effect_ms(client, sid: str, after: float, kinds: tuple[str, ...] = SAGA) -> float:
+    """Time the run spent in its saga steps (git effects, the change inspection and the gate's
+    record) after `after` (epoch seconds): from scheduling such an activity to the workflow's
+    next command, i.e. the activity and the workflow task that follows it."""
+    return (await step_ms(client, sid, after, kinds))[0]
+
+
+async def step_ms(client, sid: str, after: float, kinds: tuple[str, ...]) -> tuple[float, int]:
+    """(milliseconds, count) of the activities of `kinds` after `after`, as effect_ms counts."""
     history = await client.get_workflow_handle(sid).fetch_history()
-    total, open_since = 0.0, None
+    total, open_since, count = 0.0, None, 0
     for event in history.events:
         when = event.event_time.ToMicroseconds() / 1e6
         starts_command = (event.HasField("activity_task_scheduled_event_attributes")
@@ -74,9 +83,32 @@ async def effect_ms(client, sid: str, after: float) -> float:
             open_since = None
         if event.HasField("activity_task_scheduled_event_attributes") and when >= after:
             kind = event.activity_task_scheduled_event_attributes.activity_type.name
-            if kind in ("run_effect", "prepare_workspace"):
+            if kind in kinds:
                 open_since = when
-    return total
+                count += 1
+    return total, count
+
+
+async def recheck_costs(client, rc: RelayClient, model: ScriptedModel, specs: int) -> list[float]:
+    """The cost of Gate 2's re-check: specs whose planner is answered by a fallback model (the
+    primary overloaded for it), delivered after their degraded steps were re-checked."""
+    from relay.scripted_model import Fault
+    fallback = rc.settings.model_copy(update={"fallback_models": "relay-scripted-fallback-1",
+                                              "capacity_attempts": 1})
+    frc = RelayClient(client, fallback, rc.registry)
+    costs: list[float] = []
+    for _ in range(specs):
+        sid = await frc.run("Write a greeting module [no-tools]", auto_approve=True,
+                            spec_id=f"bench-gate-{uuid.uuid4().hex[:8]}")
+        await wait_for_questions(frc, sid)
+        model.add_fault(Fault(kind="overloaded", role="planner", model=SCRIPTED_MODEL, count=2))
+        wall = time.time()
+        await frc.answer(sid, ANSWERS)
+        await frc.result(sid)
+        total, n = await step_ms(client, sid, wall, ("recheck_step",))
+        if n:
+            costs.append(total / n)
+    return costs
 
 
 async def history_bytes(client, sid: str) -> list[tuple[int, int]]:
@@ -104,7 +136,7 @@ async def main(specs: int, direct_n: int) -> None:
             async with build_worker(client, task_queue="bench", registry=registry,
                                     endpoint=endpoint, settings=settings):
                 rc = RelayClient(client, settings, registry)
-                per_turn, per_turn_no_git = [], []
+                per_turn, per_turn_no_git, per_tool = [], [], []
                 for i in range(specs + 2):
                     sid = await rc.run("Write a greeting module [no-tools]", auto_approve=True,
                                        spec_id=f"bench-{uuid.uuid4().hex[:8]}")
@@ -116,7 +148,12 @@ async def main(specs: int, direct_n: int) -> None:
                     if i >= 2:  # the first specs warm up the worker's caches
                         per_turn.append(elapsed / TURNS_AFTER_ANSWER)
                         git = await effect_ms(client, sid, wall)
-                        per_turn_no_git.append((elapsed - git) / TURNS_AFTER_ANSWER)
+                        tools, n_tools = await step_ms(client, sid, wall, TOOLS)
+                        per_turn_no_git.append((elapsed - git - tools) / TURNS_AFTER_ANSWER)
+                        if n_tools:
+                            per_tool.append(tools / n_tools)
+
+                rechecks = await recheck_costs(client, rc, model, specs=max(3, specs // 4))
 
                 sid = f"bench-iter-{uuid.uuid4().hex[:8]}"
                 await rc.run("Write a greeting module", spec_id=sid, auto_approve=True)
@@ -140,6 +177,12 @@ async def main(specs: int, direct_n: int) -> None:
           f"ratio {r_med / d_med:.1f}x")
     print(f"without the saga steps  : median {n_med:6.2f} ms  p95 {n_p95:6.2f} ms  "
           f"overhead {n_med - d_med:6.2f} ms  ratio {n_med / d_med:.1f}x")
+    if per_tool:
+        print(f"tool call (agent_tool)  : median {statistics.median(per_tool):6.2f} ms  "
+              f"(its activity and the workflow task after it; n={len(per_tool)} specs)")
+    if rechecks:
+        print(f"gate re-check            : median {statistics.median(rechecks):6.2f} ms per "
+              f"degraded step (recheck_step with its model call, and the task after it)")
     print(f"7-iteration spec history: {len(sizes)} runs, largest {max(s for s, _ in sizes):,} bytes "
           f"({max(e for _, e in sizes)} events), total {sum(s for s, _ in sizes):,} bytes")
 

@@ -52,7 +52,7 @@ from relay.models import (
     WORKFLOW_TYPE, AnswerAck, AnswerInput, ApprovalInput, ChangeDiff, CompensationInput,
     CompensationReport, ProgressEvent,
     Budget, RaiseBudgetInput, SpecCost,
-    Decision, HookEffect, Limits, PipelineResult, RejectInput, Role, SpecInput, Status,
+    Decision, GatePolicy, HookEffect, Limits, PipelineResult, RejectInput, Role, SpecInput, Status,
     WorkspaceInput, spec_id_problem,
 )
 from relay.pricing import spec_cost
@@ -143,6 +143,17 @@ def validation_problem(exc: ValidationError) -> str:
 
 
 M = TypeVar("M", bound=BaseModel)
+
+
+def check_gate_policy(value: object) -> GatePolicy:
+    """Gate 2's policy for a tainted trajectory: recheck (the default) or human."""
+    if value is None:
+        return GatePolicy.recheck
+    try:
+        return GatePolicy(value)
+    except ValueError:
+        raise InvalidRequest("gate_policy must be one of "
+                             f"{', '.join(p.value for p in GatePolicy)}, not {value!r}") from None
 
 
 def check_model(model: type[M], value: object, what: str) -> M:
@@ -573,20 +584,23 @@ class RelayClient:
 
     def _spec_input(self, request: str, *, iterate: bool, limits: Any, workspace: Any,
                     auto_approve: Any, hooks: Any, budget_usd: Any = None,
-                    budget_tokens: Any = None) -> SpecInput:
+                    budget_tokens: Any = None, gate_policy: Any = None) -> SpecInput:
         """The start input, every part checked, small enough for Temporal."""
         checked = self._limits(limits)
         check_request(request, checked.max_request_bytes)
         check_flag(auto_approve, "auto_approve")
         if hooks is not None and not isinstance(hooks, (list, tuple)):
             raise InvalidRequest(f"hooks must be a list, not {type(hooks).__name__}")
+        fallbacks, by_role = self.settings.fallback_chains()
         spec = SpecInput(
             request=request, iterate=iterate, limits=checked, auto_approve=auto_approve,
             workspace=check_workspace(check_model(WorkspaceInput, workspace or {}, "workspace")),
             hooks=[check_model(HookEffect, hook, "hook") for hook in hooks or []],
             # the spec's own budget, else the settings' (RELAY_BUDGET_USD/_TOKENS; unset: none)
             budget_usd=self.settings.budget_usd if budget_usd is None else budget_usd,
-            budget_tokens=self.settings.budget_tokens if budget_tokens is None else budget_tokens)
+            budget_tokens=self.settings.budget_tokens if budget_tokens is None else budget_tokens,
+            fallback_models=fallbacks, fallback_models_by_role=by_role,
+            gate_policy=check_gate_policy(gate_policy))
         check_payload(spec, "the request")
         return spec
 
@@ -596,7 +610,8 @@ class RelayClient:
     async def run(self, request: str, *, spec_id: str | None = None,
                   limits: Limits | None = None, workspace: WorkspaceInput | None = None,
                   auto_approve: bool = False, hooks: list[HookEffect] | None = None,
-                  budget_usd: float | None = None, budget_tokens: int | None = None) -> str:
+                  budget_usd: float | None = None, budget_tokens: int | None = None,
+                  gate_policy: GatePolicy | str | None = None) -> str:
         """Start a new spec; returns its id (the workflow id).
 
         `budget_usd`, `budget_tokens`: the spec's budget over all its agents and iterations
@@ -608,7 +623,7 @@ class RelayClient:
         spec_id = check_spec_id(spec_id) if spec_id is not None else new_spec_id()
         spec = self._spec_input(request, iterate=False, limits=limits, workspace=workspace,
                                 auto_approve=auto_approve, hooks=hooks, budget_usd=budget_usd,
-                                budget_tokens=budget_tokens)
+                                budget_tokens=budget_tokens, gate_policy=gate_policy)
         try:
             await self.temporal.start_workflow(
                 WORKFLOW_TYPE, spec, id=spec_id, task_queue=self.settings.task_queue,
@@ -627,13 +642,14 @@ class RelayClient:
     async def iterate(self, spec_id: str, change_request: str, *, limits: Limits | None = None,
                       workspace: WorkspaceInput | None = None, auto_approve: bool = False,
                       hooks: list[HookEffect] | None = None, budget_usd: float | None = None,
-                      budget_tokens: int | None = None) -> str:
+                      budget_tokens: int | None = None,
+                      gate_policy: GatePolicy | str | None = None) -> str:
         """Start the next iteration of a finished spec; all five agents resume their sessions.
         The spec keeps one budget over all iterations: a budget given here can only raise it."""
         check_spec_ref(spec_id)
         spec = self._spec_input(change_request, iterate=True, limits=limits, workspace=workspace,
                                 auto_approve=auto_approve, hooks=hooks, budget_usd=budget_usd,
-                                budget_tokens=budget_tokens)
+                                budget_tokens=budget_tokens, gate_policy=gate_policy)
         desc = await self._describe(spec_id)
         if desc.status == ExecStatus.RUNNING:
             raise SpecAlreadyRunning(f"spec {spec_id} is still running; wait for it or cancel it first")

@@ -54,7 +54,8 @@ class EffectFailed(Exception):
 
 
 class EffectDefinition:
-    def __init__(self, name: str, act: Act, reversible: bool) -> None:
+    def __init__(self, name: str, act: Act, reversible: bool, destructive: bool = False) -> None:
+        self.destructive = destructive  # Gate 2: running it always needs a person
         self.name = name
         self.act = act
         self.reversible = reversible
@@ -84,11 +85,14 @@ class EffectRegistry:
     def __init__(self) -> None:
         self._effects: dict[str, EffectDefinition] = {}
 
-    def effect(self, name: str, *, reversible: bool = True) -> Callable[[Act], EffectDefinition]:
+    def effect(self, name: str, *, reversible: bool = True,
+               destructive: bool = False) -> Callable[[Act], EffectDefinition]:
+        """Register an effect; `destructive=True`: a delivery hook running it always waits for
+        a person's approval, whatever the trajectory's trust or auto_approve."""
         def register(fn: Act) -> EffectDefinition:
             if name in self._effects:
                 raise ValueError(f"effect {name!r} is already registered")
-            definition = EffectDefinition(name, fn, reversible)
+            definition = EffectDefinition(name, fn, reversible, destructive)
             self._effects[name] = definition
             return definition
 

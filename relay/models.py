@@ -142,6 +142,38 @@ def _duration(default: float, description: str | None = None) -> Any:
                  description=description)
 
 
+class Source(str, Enum):
+    """Where an output came from."""
+
+    primary = "primary"
+    fallback = "fallback"
+    cache = "cache"
+    human = "human"
+
+
+class Trust(str, Enum):
+    """How far an output may be acted on: `full` only when freshly earned from the primary."""
+
+    full = "full"
+    degraded = "degraded"
+    untrusted = "untrusted"
+
+
+class Provenance(BaseModel):
+    """Where a step's output came from, and which upstream degraded steps it was computed from."""
+
+    source: Source = Source.primary
+    trust: Trust = Trust.full
+    model: str = ""
+    prompt_version: str = ""
+    tainted_by: list[str] = Field(default_factory=list,
+                                  description="ids of the upstream degraded or untrusted steps")
+
+    @property
+    def tainted(self) -> bool:
+        return self.trust != Trust.full or bool(self.tainted_by)
+
+
 class Limits(BaseModel):
     """Bounds of one run. The client fills them from settings; raw JSON may omit them.
 
@@ -163,6 +195,19 @@ class Limits(BaseModel):
     check_timeout_s: float = _duration(300)
     effect_max_attempts: int = _attempts(5)
     compensation_max_attempts: int = _attempts(3)
+    # Gate 1: a capacity error (429, 529, 5xx, timeout, connection) is retried this many times
+    # on one model, then the next model of the role's chain answers; without one, the spec
+    # waits for the model (phase waiting_for_model) on the schedule below, never failing.
+    capacity_attempts: int = _attempts(3, "attempts on one model before falling back or waiting")
+    destructive_share: float = Field(
+        default=0.5, gt=0, le=1, description="a change removing more than this share of a "
+                                             "file's lines is destructive: a person approves it")
+    max_retry_after_s: float = _duration(
+        60, "a retry-after longer than this falls back (or waits) at once")
+    model_wait_s: float = _duration(30, "first wait while no model of the chain is available")
+    model_wait_max_s: float = _duration(900, "longest wait between tries of an unavailable model")
+    model_call_timeout_s: float | None = _duration(  # type: ignore[arg-type]
+        None, "timeout of one model call; null: sized to the tokens requested")
 
 
 class WorkspaceInput(BaseModel):
@@ -215,6 +260,13 @@ class RaiseBudgetInput(BaseModel):
             raise ValueError('give add_usd and/or add_tokens, e.g. {"add_usd": 2.0}')
 
 
+class GatePolicy(str, Enum):
+    """What Gate 2 does with a tainted trajectory before an irreversible step."""
+
+    recheck = "recheck"  # re-run the degraded steps on the primary; a human if they differ
+    human = "human"  # always a human
+
+
 class SpecInput(BaseModel):
     """Input of the SpecPipeline workflow. Plain JSON: {"request": "..."}."""
 
@@ -233,6 +285,16 @@ class SpecInput(BaseModel):
         default=None, gt=0, le=MAX_BUDGET_TOKENS,
         description="The spec's budget in tokens (input, output, cache read and write); "
                     "null: no limit")
+    fallback_models: list[str] = Field(
+        default_factory=list, description="Models that answer, in order, when the primary is "
+                                          "out of capacity (429/529/5xx/timeouts)")
+    fallback_models_by_role: dict[Role, list[str]] = Field(
+        default_factory=dict, description="Per-role fallback chains, overriding fallback_models")
+    gate_policy: GatePolicy = Field(
+        default=GatePolicy.recheck, description="Gate 2 on a tainted trajectory: recheck or human")
+
+    def fallbacks(self, role: Role) -> list[str]:
+        return list(self.fallback_models_by_role.get(role, self.fallback_models))
 
 
 class ApprovalInput(BaseModel):
@@ -400,6 +462,81 @@ class AgentTurnInput(BaseModel):
     budget: Budget | None = Field(default=None, description="checked before every model call")
 
 
+class ToolCallRef(BaseModel):
+    """A tool call the model made; its input stays in the registry (the recorded answer)."""
+
+    id: str
+    name: str
+
+
+class ToolResultBlock(BaseModel):
+    tool_use_id: str
+    content: str
+    is_error: bool = False
+
+
+class ModelStepInput(BaseModel):
+    """One model call of an agent turn's loop; (spec, role, turn, step) is its idempotency key."""
+
+    spec_id: str
+    role: Role
+    turn: int = Field(ge=1)
+    step: int = Field(ge=0)
+    kind: TurnKind
+    variables: dict[str, str] = Field(default_factory=dict, description="step 0 only")
+    iteration: int = 1
+    workspace: WorkspaceRef | None = None
+    model: str | None = Field(default=None, description="None: the worker's primary model")
+    source: Source = Source.primary
+    tool_results: list[ToolResultBlock] = Field(
+        default_factory=list, description="results of the previous step's tool calls")
+    tainted_by: list[str] = Field(default_factory=list, description="taint of the step's inputs")
+    capacity_attempts: int = 3
+    max_retry_after_s: float = 60
+    call_timeout_s: float | None = None
+    budget: Budget | None = Field(default=None, description="checked before the call is paid")
+
+
+class ModelStepResult(BaseModel):
+    """What the workflow needs of a model call; the exchange itself stays in the registry."""
+
+    session_id: str
+    session_name: str
+    step_id: str
+    output: dict | None = None
+    error: str | None = None
+    refused: bool = False
+    cut: bool = False
+    tool_calls: list[ToolCallRef] = Field(default_factory=list)
+    usage: TokenUsage = Field(default_factory=TokenUsage)
+    provenance: Provenance = Field(default_factory=Provenance)
+    replayed: bool = False
+    spend: SpecCost | None = Field(default=None, description="The spec's cost after this step")
+    cost_usd: float | None = Field(default=None, description="What this attempt paid")
+
+
+class ToolStepInput(BaseModel):
+    spec_id: str
+    role: Role
+    session_id: str
+    turn: int
+    step: int
+    index: int
+    call_id: str
+    name: str
+    iteration: int = 1
+    workspace: WorkspaceRef
+    check_timeout_s: float = 300
+
+
+class ToolStepResult(BaseModel):
+    block: ToolResultBlock
+    changed_path: str | None = None
+    unsandboxed: bool = False
+    use: ToolUse | None = Field(default=None, description="the call and its path, for progress")
+    check_report: str | None = Field(default=None, description="the tail of a run_checks output")
+
+
 class AgentTurnResult(BaseModel):
     session_id: str
     session_name: str
@@ -422,6 +559,8 @@ class AgentTurnResult(BaseModel):
         default_factory=list, description="The turn's workspace tool calls, in order, with paths")
     check_report: str | None = Field(
         default=None, description="The tail of the turn's last run_checks output (validator)")
+    provenance: Provenance | None = None
+    step_ids: list[str] = Field(default_factory=list, description="the turn's model steps")
 
 
 class EffectInput(BaseModel):
@@ -507,6 +646,8 @@ class Phase(str, Enum):
     validating = "validating"
     waiting_for_approval = "waiting_for_approval"
     waiting_for_budget = "waiting_for_budget"
+    waiting_for_model = "waiting_for_model"
+    rechecking = "rechecking"
     delivering = "delivering"
     compensating = "compensating"
     completed = "completed"
@@ -607,6 +748,105 @@ class ChangeDiff(BaseModel):
     note: str | None = Field(default=None, description="Why there is no diff (yet)")
 
 
+class ModelWait(BaseModel):
+    """A model that stays unavailable: the spec waits for it, visibly, and tries again."""
+
+    role: Role
+    model: str
+    last_error: str
+    next_attempt_at: str = Field(description="ISO 8601, UTC")
+    waited_s: float = 0
+
+
+class DegradedStep(BaseModel):
+    """A step whose output was not freshly earned from the primary, or computed from one."""
+
+    step_id: str
+    role: Role
+    provenance: Provenance
+    reason: str = ""
+    verified_by: str | None = None
+
+
+class RecheckInput(BaseModel):
+    spec_id: str
+    iteration: int
+    role: Role
+    session_id: str
+    turn: int
+    step: int
+    step_id: str
+    workspace: WorkspaceRef | None = None
+    call_timeout_s: float | None = None
+
+
+class RecheckResult(BaseModel):
+    """A degraded step re-run on the primary with the same inputs, compared role-aware."""
+
+    step_id: str
+    role: Role
+    model: str = ""
+    agree: bool | None = Field(default=None, description="None: the re-check could not be made")
+    diff: list[str] = Field(default_factory=list)
+    error: str | None = None
+
+
+class ChangedFile(BaseModel):
+    path: str
+    status: str  # A added, M modified, D deleted (git's letters)
+    added: int = 0
+    removed: int = 0
+    lines_before: int = 0
+
+
+class InspectChangeInput(BaseModel):
+    spec_id: str
+    workspace: WorkspaceRef
+    commit: str | None = None
+    declared: list[FileChange] = Field(default_factory=list)
+    destructive_share: float = 0.5
+    hooks: list[str] = Field(default_factory=list, description="effects run at delivery")
+
+
+class ChangeReport(BaseModel):
+    """The branch's real change against the target: what the validator judges, what lands."""
+
+    files: list[ChangedFile] = Field(default_factory=list)
+    diff: str = Field(default="", description="the unified diff, cut to a bounded size")
+    destructive: list[str] = Field(default_factory=list, description="why a person must approve")
+    declared_mismatch: list[str] = Field(
+        default_factory=list, description="declared files that differ from the branch")
+
+    @property
+    def empty(self) -> bool:
+        return not self.files
+
+
+class GateReport(BaseModel):
+    """Gate 2 before an irreversible step: the trajectory checked, and who or what cleared it."""
+
+    policy: GatePolicy = GatePolicy.recheck
+    tainted: bool = False
+    degraded_steps: list[str] = Field(default_factory=list)
+    rechecks: list[RecheckResult] = Field(default_factory=list)
+    destructive: list[str] = Field(default_factory=list)
+    needs_human: bool = False
+    reason: str = ""
+    decision: str | None = None  # proceed | verified | approved | rejected
+    decided_by: str | None = None
+    decided_at: str | None = None
+
+
+class GateRecordInput(BaseModel):
+    spec_id: str
+    iteration: int
+    key: str
+    decision: str
+    decided_by: str
+    reason: str = ""
+    steps: list[str] = Field(default_factory=list)
+
+
 class Status(BaseModel):
     spec_id: str
     iteration: int = 0
@@ -645,6 +885,11 @@ class Status(BaseModel):
     stray_run: str | None = Field(
         default=None, description="a run started on this spec id outside relay (raw CLI, Web UI) "
                                   "that was refused without touching the spec, and why")
+    model_wait: ModelWait | None = None
+    gate: GateReport | None = None
+    change_report: ChangeReport | None = None
+    degraded: list[DegradedStep] = Field(
+        default_factory=list, description="degraded or tainted steps of this run's trajectory")
 
 
 class PipelineResult(BaseModel):
@@ -670,3 +915,5 @@ class PipelineResult(BaseModel):
     repository: str | None = Field(default=None, description="the repository worked on")
     worktree: str | None = None
     review: Review | None = None
+    degraded: list[DegradedStep] = Field(default_factory=list)
+    gate: GateReport | None = None

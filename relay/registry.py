@@ -92,8 +92,12 @@ class SessionMessage(SQLModel, table=True):
     role: str  # user | assistant
     content: list[dict[str, Any]] = Field(sa_column=Column(JSON, nullable=False))
     model: str | None = None
-    source: str = "primary"  # primary | fallback | cache
-    trust: str = "full"  # full | degraded
+    source: str = "primary"  # relay.models.Source: primary | fallback | cache | human
+    trust: str = "full"  # relay.models.Trust: full | degraded | untrusted
+    # ids of the upstream degraded steps this answer was computed from (assistant rows)
+    tainted_by: list[str] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
+    prompt_version: str | None = None
+    verified_by: str | None = None  # a degraded answer re-checked (e.g. "recheck on <model>")
     valid: bool | None = None  # assistant only: did its structured output validate?
     error: str | None = None
     input_tokens: int = 0
@@ -122,6 +126,30 @@ class PossiblyBilled(SQLModel, table=True):
     model: str | None = None
     tokens: int = 0  # the pre-call estimate (an upper bound), or the discarded answer's usage
     usd: float | None = None  # None: the model has no price
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class GateRecord(SQLModel, table=True):
+    """Gate 2's record: each re-check of a degraded step (its primary answer and the verdict of
+    the comparison) and each decision at the gate (who or what cleared it, and when).
+    Idempotent on (spec, key): a retried or re-run activity finds its row instead of paying."""
+
+    __tablename__ = "relay_gate_record"
+    __table_args__ = (UniqueConstraint("spec_id", "key", name="uq_gate_record_key"),)
+
+    id: int | None = Field(default=None, primary_key=True)
+    spec_id: str = Field(index=True)
+    iteration: int = 1
+    key: str  # e.g. i1/recheck/planner/t1/s0 or i1/gate/deliver
+    kind: str  # recheck | decision
+    step_id: str | None = None
+    model: str | None = None
+    output: dict[str, Any] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
+    agree: bool | None = None
+    diff: list[str] | None = Field(default=None, sa_column=Column(JSON, nullable=True))
+    decision: str | None = None  # proceed | verified | waiting | approved | rejected
+    decided_by: str | None = None
+    reason: str | None = None
     created_at: datetime = Field(default_factory=utcnow)
 
 
@@ -538,6 +566,7 @@ class Registry:
         trust: str = "full",
         status: str | None = None,
         release_lease: str | None = None,
+        tainted_by: list[str] | None = None,
     ) -> bool:
         """Append one model exchange (the user message and the answer) atomically; with
         `release_lease`, the turn's lease held by that owner ends in the same transaction.
@@ -552,7 +581,9 @@ class Registry:
                 ).one()
                 seq = (last or 0) + 1
                 common = dict(session_id=session_id, turn=turn, step=step, model=model,
-                              source=source, trust=trust)
+                              source=str(getattr(source, "value", source)),
+                              trust=str(getattr(trust, "value", trust)),
+                              prompt_version=prompt_version)
                 db.add(SessionMessage(seq=seq, role="user", content=user_content, **common))
                 db.add(
                     SessionMessage(
@@ -560,7 +591,8 @@ class Registry:
                         error=error, input_tokens=usage.input_tokens,
                         output_tokens=usage.output_tokens,
                         cache_read_tokens=usage.cache_read_input_tokens,
-                        cache_write_tokens=usage.cache_creation_input_tokens, **common,
+                        cache_write_tokens=usage.cache_creation_input_tokens,
+                        tainted_by=list(tainted_by) if tainted_by else None, **common,
                     )
                 )
                 session = db.get(AgentSession, session_id)
@@ -583,6 +615,58 @@ class Registry:
                 return True
         except IntegrityError:
             return False
+
+    def exchange(self, session_id: str, turn: int, step: int) -> dict[str, SessionMessage]:
+        """The recorded messages of one step, by role (user, assistant); empty if none."""
+        with Session(self.engine) as db:
+            rows = db.exec(select(SessionMessage).where(
+                SessionMessage.session_id == session_id, SessionMessage.turn == turn,
+                SessionMessage.step == step)).all()
+        return {m.role: m for m in rows}
+
+    # --- Gate 2 -------------------------------------------------------------------------
+
+    def gate_record(self, spec_id: str, key: str) -> GateRecord | None:
+        with Session(self.engine) as db:
+            return db.exec(select(GateRecord).where(GateRecord.spec_id == spec_id,
+                                                    GateRecord.key == key)).first()
+
+    def add_gate_record(self, record: GateRecord) -> GateRecord:
+        """Insert once; a second insert of the same key returns the first row."""
+        try:
+            with Session(self.engine, expire_on_commit=False) as db:
+                db.add(record)
+                db.commit()
+                return record
+        except IntegrityError:
+            found = self.gate_record(record.spec_id, record.key)
+            assert found is not None
+            return found
+
+    def gate_records(self, spec_id: str) -> list[GateRecord]:
+        with Session(self.engine) as db:
+            return list(db.exec(select(GateRecord).where(GateRecord.spec_id == spec_id)
+                                .order_by(GateRecord.id)).all())  # type: ignore[arg-type]
+
+    def verify(self, session_id: str, turn: int, step: int, by: str) -> None:
+        """Mark a degraded answer verified: it taints nothing from now on."""
+        with Session(self.engine) as db:
+            for row in db.exec(select(SessionMessage).where(
+                    SessionMessage.session_id == session_id, SessionMessage.turn == turn,
+                    SessionMessage.step == step, SessionMessage.role == "assistant")):
+                if not row.verified_by:
+                    row.verified_by = by
+                    db.add(row)
+            db.commit()
+
+    def verified_steps(self, spec_id: str) -> list[tuple[str, int, int]]:
+        """(role, turn, step) of every verified answer of the spec."""
+        with Session(self.engine) as db:
+            rows = db.exec(select(AgentSession.role, SessionMessage.turn, SessionMessage.step)
+                           .join(AgentSession, AgentSession.id == SessionMessage.session_id)
+                           .where(AgentSession.spec_id == spec_id,
+                                  SessionMessage.verified_by.is_not(None))).all()  # type: ignore[union-attr]
+        return [(r[0], r[1], r[2]) for r in rows]
 
     # --- orchestration state -----------------------------------------------------------
 

@@ -52,7 +52,7 @@ from relay.models import OUTPUT_TOOLS, ROLE_BY_TOOL, SCRIPTED_MODEL_PREFIX, Role
 
 FaultKind = Literal["rate_limit", "overloaded", "server_error", "auth_error", "error", "slow",
                     "invalid_output", "reset", "hang", "truncated", "max_tokens", "refusal",
-                    "text_only"]
+                    "text_only", "divergent"]
 
 # Fault kinds answered with an error: kind -> (HTTP status, Anthropic error type).
 ERROR_FAULTS: dict[str, tuple[int, str]] = {
@@ -89,10 +89,12 @@ class Fault(BaseModel):
     retry_after: float | None = None  # seconds, sent as `retry-after` on error faults
     delay_s: float = 0.0  # "slow": sleep this long, then answer normally; "hang": hold this long
     status: int | None = None  # for "error": the HTTP status to answer with
+    model: str | None = None  # only requests naming this model (None = any)
 
 
 class RecordedRequest(BaseModel):
     role: str | None
+    model: str | None = None
     body: dict
     status: int
     fault: str | None = None
@@ -348,6 +350,31 @@ def _calls_output(role: Role, message: dict) -> bool:
         return True
     names = [b.get("name") for b in content if isinstance(b, dict) and b.get("type") == "tool_use"]
     return not names or OUTPUT_TOOLS[role] in names
+
+
+def divergent_output(role: Role, output: dict) -> dict:
+    """A structurally different answer (the `divergent` fault): another verdict, other steps,
+    other files — what a re-check on another model must catch."""
+    if role in (Role.auditor, Role.validator):
+        approved = not output.get("approved", True)
+        key = "findings" if role == Role.auditor else "failures"
+        return {"approved": approved, key: [] if approved else ["A divergent verdict (scripted)."]}
+    if role == Role.planner:
+        return {"summary": "A divergent plan (scripted)", "steps": ["Do something else entirely"]}
+    if role == Role.constructor:
+        return {**output, "summary": "A divergent change (scripted)",
+                "files": [{"path": "relay_output/divergent.py", "content": "x = 1\n"}]}
+    return output
+
+
+def mark_model(output: dict, model: str) -> dict:
+    """A second model's answer: the same decisions, text that says which model gave it."""
+    marked = dict(output)
+    if isinstance(marked.get("summary"), str):
+        marked["summary"] = f"{marked['summary']} [by {model}]"
+    if isinstance(marked.get("clarified_spec"), str):
+        marked["clarified_spec"] = f"{marked['clarified_spec']}\n(answered by {model})"
+    return marked
 
 
 def error_body(error_type: str, message: str) -> dict:
@@ -697,11 +724,12 @@ class ScriptedModel:
             self._faults.clear()
         self.cache.clear()  # a test starts from a cold cache, as if its prefixes had expired
 
-    def _take_fault(self, role: Role) -> Fault | None:
-        """The first unspent fault matching `role`, with its count decremented."""
+    def _take_fault(self, role: Role, model: str | None = None) -> Fault | None:
+        """The first unspent fault matching `role` (and model), with its count decremented."""
         with self._lock:
             for fault in self._faults:
-                if fault.count > 0 and fault.role in (None, role.value):
+                if fault.count > 0 and fault.role in (None, role.value) and (
+                        fault.model in (None, model)):
                     fault.count -= 1
                     if fault.count <= 0:
                         self._faults.remove(fault)
@@ -710,7 +738,9 @@ class ScriptedModel:
 
     def _record(self, role: Role | None, body: Any, status: int, fault: str | None,
                 auth: bool) -> None:
+        model = body.get("model") if isinstance(body, dict) else None
         rec = RecordedRequest(role=role.value if role else None, status=status, fault=fault,
+                              model=model if isinstance(model, str) else None,
                               body=body if isinstance(body, dict) else {}, auth_present=auth)
         with self._lock:
             self.requests.append(rec)
@@ -731,7 +761,8 @@ class ScriptedModel:
             return 400, error_body("invalid_request_error", msg), {}
         with self._lock:
             self._arrived.append(role.value)
-        fault = self._take_fault(role)
+        asked = body.get("model") if isinstance(body.get("model"), str) else None
+        fault = self._take_fault(role, asked)
         kind = fault.kind if fault else None
         if fault and (fault.kind in ERROR_FAULTS or fault.kind == "error"):
             if fault.kind == "error":
@@ -772,7 +803,17 @@ class ScriptedModel:
             output = role_output(role, messages, tools)
             if tools:
                 output = scripted_workspace.final_output(role, messages, output, original)
+            if asked and asked != self.model_name:
+                output = mark_model(output, asked)
+            if kind == "divergent":
+                output = divergent_output(role, output)
             calls = [(OUTPUT_TOOLS[role], output)]
+            if (tools and role == Role.constructor and "write_file" in tools
+                    and scripted_workspace.NO_TOOLS in original):
+                # one answer, as without tools, that still writes what it declares: only what
+                # the tools write reaches the repository
+                calls = [("write_file", {"path": f["path"], "content": f["content"]})
+                         for f in output.get("files") or []] + calls
         self._record(role, body, 200, kind, auth)
         if kind == "truncated":
             raise _Transport(fault, self._message(body, calls))  # type: ignore[arg-type]

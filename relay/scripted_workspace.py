@@ -3,7 +3,8 @@
 Offered workspace tools, the constructor looks around, writes a small Python
 module with unittest tests, and submits; the validator runs the checks and
 judges by their exit code. Request markers steer it for demos and tests:
-[no-tools] (answer at once), [buggy-first] (the first module fails its test), [escape] (the constructor
+[no-tools] (answer at once), [declare-only] (the constructor declares files and writes none),
+[delete-readme] (the constructor also deletes README.md), [buggy-first] (the first module fails its test), [escape] (the constructor
 first tries paths outside the workspace), [overreach] (the auditor tries a
 tool it is not allowed), [loop-forever] (the constructor never submits).
 """
@@ -16,6 +17,8 @@ from relay.models import OUTPUT_TOOLS, Role
 
 BUGGY_FIRST, ESCAPE, OVERREACH, LOOP_FOREVER = "[buggy-first]", "[escape]", "[overreach]", "[loop-forever]"
 NO_TOOLS = "[no-tools]"  # answer at once, as without a workspace (for overhead measurements)
+DECLARE_ONLY = "[declare-only]"  # the constructor declares files in its answer, writes none
+DELETE_README = "[delete-readme]"  # the constructor also deletes README.md (a destructive change)
 DEFAULT_CHECK = "python -m unittest"
 EXAMPLE_FILES = ("greeting.py", "test_greeting.py")  # what the first construction writes
 EXAMPLE = ("greeting.py, greet(name, lang) in English, Spanish or French, with unittest tests "
@@ -76,7 +79,7 @@ def _last_results(messages: list[dict]) -> str:
 
 def next_calls(role: Role, messages: list[dict], original: str, tools: set[str]) -> list[Call] | None:
     """The tool calls to make now, or None when it is time to submit the result."""
-    if NO_TOOLS in original:
+    if NO_TOOLS in original or (DECLARE_ONLY in original and role == Role.constructor):
         return None
     turn = _turn_messages(messages)
     step = sum(1 for m in turn if m.get("role") == "assistant")
@@ -106,6 +109,8 @@ def _constructor(step: int, submitted: int, original: str) -> list[Call] | None:
         plan += [[("list_files", {"path": "."})],
                  [("write_file", {"path": "greeting.py", "content": GREETING % spanish}),
                   ("write_file", {"path": "test_greeting.py", "content": TESTS})]]
+        if DELETE_README in original:
+            plan.append([("delete_file", {"path": "README.md"})])
     else:  # a fix or a later iteration: repair the module and note the change
         plan += [[("read_file", {"path": "greeting.py"})],
                  [("write_file", {"path": "greeting.py", "content": GREETING % "Hola"}),
@@ -125,7 +130,7 @@ def validation(messages: list[dict]) -> dict:
 
 def final_output(role: Role, messages: list[dict], scripted: dict, original: str = "") -> dict:
     """The result to submit once the tools are done; a scripted rejection still stands."""
-    if NO_TOOLS in original:
+    if NO_TOOLS in original or (DECLARE_ONLY in original and role == Role.constructor):
         return scripted
     if role == Role.constructor:
         return change_summary(messages)

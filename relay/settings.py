@@ -16,7 +16,7 @@ from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from relay import one_line
-from relay.models import Limits, SpecInput
+from relay.models import Limits, Role, SpecInput
 
 SECRET_SETTINGS = {"anthropic_api_key", "database_url"}  # never echoed in an error
 
@@ -64,6 +64,21 @@ class RelaySettings(BaseSettings):
     check_timeout_s: float = like_limits("check_timeout_s")
     effect_max_attempts: int = like_limits("effect_max_attempts")
     compensation_max_attempts: int = like_limits("compensation_max_attempts")
+    capacity_attempts: int = like_limits("capacity_attempts")
+    max_retry_after_s: float = like_limits("max_retry_after_s")
+    model_wait_s: float = like_limits("model_wait_s")
+    model_wait_max_s: float = like_limits("model_wait_max_s")
+    model_call_timeout_s: float | None = like_limits("model_call_timeout_s")
+    destructive_share: float = like_limits("destructive_share")
+
+    # Gate 1: models that answer when the primary is out of capacity, comma-separated, in
+    # order; RELAY_FALLBACK_MODELS_<ROLE> (e.g. RELAY_FALLBACK_MODELS_PLANNER) overrides it.
+    fallback_models: str = ""
+    fallback_models_clarifier: str | None = None
+    fallback_models_planner: str | None = None
+    fallback_models_auditor: str | None = None
+    fallback_models_constructor: str | None = None
+    fallback_models_validator: str | None = None
 
     # One budget per spec (all agents, all iterations); unset: no limit. A spec may set its own.
     budget_usd: float | None = like_spec("budget_usd")
@@ -130,7 +145,22 @@ class RelaySettings(BaseSettings):
             check_timeout_s=self.check_timeout_s,
             effect_max_attempts=self.effect_max_attempts,
             compensation_max_attempts=self.compensation_max_attempts,
+            capacity_attempts=self.capacity_attempts,
+            max_retry_after_s=self.max_retry_after_s,
+            model_wait_s=self.model_wait_s,
+            model_wait_max_s=self.model_wait_max_s,
+            model_call_timeout_s=self.model_call_timeout_s,
+            destructive_share=self.destructive_share,
         )
+
+    def fallback_chains(self) -> tuple[list[str], dict[Role, list[str]]]:
+        """(the fallback models of every role, the per-role overrides) from the settings."""
+        def names(text: str) -> list[str]:
+            return [n.strip() for n in text.split(",") if n.strip()]
+
+        by_role = {role: names(value) for role in Role
+                   if (value := getattr(self, f"fallback_models_{role.value}")) is not None}
+        return names(self.fallback_models), by_role
 
 
 def setting_problem(exc: ValidationError, settings: type[BaseSettings] = RelaySettings) -> str:

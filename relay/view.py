@@ -175,6 +175,7 @@ def print_status(console: Console, st: Status, registry_problem: str | None = No
     for label, items in (("flags", st.flags), ("rejected inputs", st.rejected_inputs)):
         if items:
             console.print(Text(f"{label}: " + "; ".join(items)), soft_wrap=True)
+    print_trajectory(console, st.degraded, st.gate, st.model_wait)
     if st.error:
         console.print(Text(f"error: {st.error}", style="red"), soft_wrap=True)
     if st.stray_run:
@@ -182,6 +183,40 @@ def print_status(console: Console, st: Status, registry_problem: str | None = No
     if registry_problem:  # one line: the sessions above are Temporal's; history needs the registry
         console.print(Text(f"registry unreachable: {' '.join(registry_problem.split())}",
                            style="yellow"), soft_wrap=True)
+
+
+def print_trajectory(console: Console, degraded: list, gate: Any, model_wait: Any = None) -> None:
+    """Degraded steps (and what they taint), Gate 2's check and decision, a model wait."""
+    if model_wait is not None:
+        console.print(Text(f"waiting for the model: {model_wait.model} ({model_wait.role.value}) "
+                           f"· next attempt {model_wait.next_attempt_at} · last error: "
+                           f"{model_wait.last_error}", style="yellow"), soft_wrap=True)
+    for d in degraded:
+        p = d.provenance
+        mark = "verified" if d.verified_by else (
+            "degraded" if p.trust.value != "full" else "tainted")
+        console.print(Text(f"{mark}: {d.step_id} · {p.source.value}/{p.trust.value} · "
+                           f"{p.model} · {d.reason}"
+                           + (f" · verified by {d.verified_by}" if d.verified_by else ""),
+                           style="green" if d.verified_by else "yellow"), soft_wrap=True)
+    if gate is None:
+        return
+    head = f"Gate 2 ({gate.policy.value}): "
+    if gate.decision:
+        head += f"{gate.decision}" + (f" by {gate.decided_by}" if gate.decided_by else "") + (
+            f" at {gate.decided_at}" if gate.decided_at else "")
+    console.print(Text(head, style="bold"), soft_wrap=True)
+    for r in gate.rechecks:
+        verdict = {True: "agrees", False: "disagrees", None: "no verdict"}[r.agree]
+        console.print(Text(f"  re-check of {r.step_id} on {r.model or 'the primary'}: {verdict}"
+                           + (f" ({r.error})" if r.error else "")), soft_wrap=True)
+        for line in r.diff:
+            console.print(Text(f"    {line}"), soft_wrap=True)
+    for why in gate.destructive:
+        console.print(Text(f"  destructive: {why}", style="red"), soft_wrap=True)
+    if gate.needs_human:
+        console.print(Text(f"  a person must decide: {gate.reason}", style="bold"),
+                      soft_wrap=True)
 
 
 def print_result(console: Console, res: PipelineResult, web_ui: str | None = None) -> None:
@@ -226,6 +261,7 @@ def print_result(console: Console, res: PipelineResult, web_ui: str | None = Non
     if res.review is not None and res.review.diff_stat and not res.review.diff_error:
         console.print(Text(f"change: {change_stat(res.review)} · relay diff {res.spec_id}"),
                       soft_wrap=True)
+    print_trajectory(console, res.degraded, res.gate)
     words = ended_text(res.outcome, Phase.completed)
     console.print(Text.assemble("outcome: ", (res.outcome, "bold"),
                                 "" if words == res.outcome else f" ({words})"), soft_wrap=True)
@@ -337,6 +373,14 @@ def print_history(console: Console, session: AgentSession, messages: list[Sessio
         body = "\n".join(_block_text(b) for b in m.content)
         extra = "" if m.role == "user" else f" · {m.model} · {m.source}/{m.trust}" + (
             " · [red]invalid[/red]" if m.valid is False else "")
+        marks = []  # in the body: a panel title is cut to the terminal's width
+        if m.role == "assistant" and m.trust != "full":
+            marks.append(f"{m.trust.upper()} ({m.source} answer)"
+                         + (f", verified by {m.verified_by}" if m.verified_by else ""))
+        if m.role == "assistant" and m.tainted_by:
+            marks.append("tainted by " + ", ".join(m.tainted_by))
+        if marks:
+            body = "\n".join(f"[{mark}]" for mark in marks) + "\n" + body
         console.print(Panel(Text(body), title=Text.from_markup(
             f"#{m.seq} turn {m.turn} {m.role}{extra}"), title_align="left"))
 

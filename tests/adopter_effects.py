@@ -35,3 +35,10 @@ def close_ticket(ctx: EffectContext, payload: dict, undo: dict | None, result: d
 def announce(ctx: EffectContext, payload: dict) -> dict:
     (Path(payload["dir"]) / f"{ctx.spec_id}.announced").write_text("shipped")
     return {}
+
+
+@effects.effect("tickets.purge", reversible=False, destructive=True)
+def purge(ctx: EffectContext, payload: dict) -> dict:
+    """Deletes the tracker's closed tickets: declared destructive, so a person approves it."""
+    (Path(payload["dir"]) / f"{ctx.spec_id}.purged").write_text("purged")
+    return {}

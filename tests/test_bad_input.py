@@ -31,7 +31,7 @@ from relay.client import (
     SpecNotRunning,
     TemporalUnreachable,
 )
-from relay.models import Phase
+from relay.models import Phase, Role
 from relay.scripted_model import Fault
 from tests.conftest import (
     ANSWERS,
@@ -465,19 +465,21 @@ async def relay_without_model(client: Client, settings, registry) -> AsyncIterat
     await endpoint.client.close()
 
 
-async def test_unreachable_model_fails_the_spec(relay_without_model, registry):
-    """A model endpoint that cannot be reached fails the spec after its retries, saying so."""
+async def test_unreachable_model_waits_for_the_model_and_says_why(relay_without_model, registry):
+    """A model endpoint that cannot be reached is a capacity error (Gate 1): the spec never
+    fails or rolls back for it; it waits in waiting_for_model, saying why and when it tries
+    again, and nothing is recorded meanwhile. Cancelling it ends it cleanly."""
     rc = relay_without_model
     sid = await rc.run("Write a greeting module", spec_id=spec_id())
-    with pytest.raises(SpecFailed) as info:
-        await asyncio.wait_for(rc.result(sid), FAST)
-    message = str(info.value)
-    assert message.startswith(f"spec {sid} failed: clarifier turn 1 failed: model endpoint")
-    assert "unreachable" in message and "gave up after the last retry" in message
-    st = await rc.status(sid)
-    assert st.phase == Phase.failed and "unreachable" in st.error
-    assert registry.spec(sid).status == "failed"
+    st = await wait_for(rc, sid, lambda s: s.phase == Phase.waiting_for_model, FAST)
+    assert st.model_wait is not None and st.model_wait.role == Role.clarifier
+    assert "unreachable" in st.model_wait.last_error and st.model_wait.next_attempt_at
+    assert "unreachable" in st.waiting_for and st.error is None
+    assert registry.spec(sid).status == "running"
     assert registry.messages(registry.find_session(sid, "clarifier").id) == []
+    await rc.cancel(sid)
+    st = await wait_for(rc, sid, lambda s: s.phase == Phase.cancelled, FAST)
+    assert registry.spec(sid).status == "cancelled"
 
 
 async def test_refusing_model_fails_the_spec_at_once(relay, model_server, registry):

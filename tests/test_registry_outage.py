@@ -208,7 +208,7 @@ async def test_a_worker_dying_during_the_outage_hands_the_answer_to_the_next(
     crashable.crash()
     await until(lambda: logged(workers.log, "agent_turn.record_failed"), timeout=60)
     deadline = asyncio.get_running_loop().time() + 30
-    while not await pending_heartbeat(client, sid, "agent_turn"):
+    while not await pending_heartbeat(client, sid, "model_step"):
         assert asyncio.get_running_loop().time() < deadline, "the answer was never carried"
         await asyncio.sleep(0.1)
     first.send_signal(signal.SIGKILL)

@@ -3,6 +3,8 @@
 tests/histories/ keeps histories recorded by earlier versions; a workflow change
 that would break running specs fails here. Record a new one with
 `python -m tests.record_history tests/histories/NAME.json` after a deliberate, patched change.
+v0.1 and v0.2 ran each agent turn as one `agent_turn` activity; v0.3 runs the loop in the
+workflow (LOOP_PATCH), one `model_step` activity per model call and one `agent_tool` per tool call.
 """
 
 from __future__ import annotations

@@ -23,8 +23,10 @@ from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxR
 
 from activities import AgentTurnActivities, RegistryActivities
 from activities.effects import EffectActivities, EffectExecutor
+from activities.change_report import ChangeActivities
 from activities.git_effects import git_effects
 from activities.review import ReviewActivities
+from activities.model_step import ModelStepActivities
 from activities.workspace import WorkspaceActivities
 from relay.client import connect_settings
 from relay.client import connect_temporal as connect
@@ -108,6 +110,8 @@ def build_worker(client: Client, *, task_queue: str, registry: Registry,
     prices = settings.price_table()  # RELAY_PRICES over the built-in table
     turns = AgentTurnActivities(registry, endpoint.client, endpoint.model, settings.max_tokens,
                                 executor=executor, prices=prices)
+    steps = ModelStepActivities(registry, endpoint.client, endpoint.model, settings.max_tokens,
+                                executor=executor, prices=prices)
     bookkeeping = RegistryActivities(registry, prices)
     side_effects = EffectActivities(executor)
     workspace = WorkspaceActivities(executor, settings.data_dir)
@@ -115,7 +119,11 @@ def build_worker(client: Client, *, task_queue: str, registry: Registry,
         client,
         task_queue=task_queue,
         workflows=[SpecPipeline, SpecCompensation],
-        activities=[turns.agent_turn, bookkeeping.open_spec, bookkeeping.set_session_states,
+        # agent_turn: the whole turn in one activity, kept for runs recorded before the loop
+        # moved into the workflow (workflows/pipeline.LOOP_PATCH)
+        activities=[steps.model_step, steps.agent_tool, steps.recheck_step, bookkeeping.record_gate,
+                    ChangeActivities(executor.effects).inspect_change,
+                    turns.agent_turn, bookkeeping.open_spec, bookkeeping.set_session_states,
                     side_effects.run_effect, side_effects.pending_compensations,
                     side_effects.compensate_effect, side_effects.mark_needs_human,
                     workspace.prepare_workspace, ReviewActivities().describe_change],

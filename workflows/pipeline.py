@@ -25,7 +25,9 @@ with workflow.unsafe.imports_passed_through():
 
     from relay.models import (
         OUTCOME_SEARCH_ATTRIBUTE, PHASE_SEARCH_ATTRIBUTE, ROLES, WORKFLOW_TYPE,
-        AgentTurnInput, AgentTurnResult, AnswerAck,
+        AgentTurnInput, AgentTurnResult, AnswerAck, DegradedStep, GatePolicy, GateRecordInput,
+        GateReport, ModelWait, RecheckInput, RecheckResult, Source, ChangeReport,
+        InspectChangeInput,
         AnswerInput, ApprovalInput, Audit, Change, Clarification, Decision,
         EffectInput, EffectRef, EffectResult, OpenSpecInput, OpenSpecResult,
         PendingQuestions, Phase, PipelineResult, Plan, PrepareWorkspaceInput,
@@ -37,7 +39,7 @@ with workflow.unsafe.imports_passed_through():
         PROGRESS_KEPT, ChangeDescription, ChangeDiff, DescribeChangeInput, ProgressEvent, Review,
     )
     from relay.converter import Undecodable
-    from workflows import render, saga
+    from workflows import agent_loop, render, saga
     from workflows.outage import through_outages
     from workflows.saga import BOOKKEEPING
     from relay import one_line as _one_line
@@ -64,6 +66,20 @@ REVIEW_PATCH = "relay-review-1"
 # UI's Queries tab, and relay's steps are seconds apart, so a 0.25 s poll that asks for what
 # it has not seen misses nothing (events are numbered; a watcher that fell PROGRESS_KEPT
 # events behind is told how many it missed).
+
+# Runs recorded while one `agent_turn` activity ran a whole turn replay through it; new runs
+# run the loop in workflow code (workflows/agent_loop.py), one activity per model or tool call.
+LOOP_PATCH = "relay-loop-in-workflow-1"
+
+# Which roles' outputs each kind of turn is given (rendered into its prompt): their taint
+# flows into it. A turn also inherits its own session's unverified taint (the activity's part).
+INPUTS: dict[str, tuple[Role, ...]] = {
+    "clarify": (), "answers": (), "finalize": (), "iterate": (),
+    "plan": (Role.clarifier,), "revise": (Role.auditor,),
+    "audit": (Role.clarifier, Role.planner),
+    "construct": (Role.clarifier, Role.planner), "fix": (Role.validator,),
+    "validate": (Role.clarifier, Role.planner, Role.constructor),
+}
 
 
 class SpecFailed(Exception):
@@ -109,6 +125,8 @@ class SpecPipeline:
         self._budget = Budget(usd=self._input.budget_usd, tokens=self._input.budget_tokens)
         self._budget_raises = 0
         self._status.budget = self._budget
+        self._taint: dict[Role, list[str]] = {}  # what each role's newest output carries
+        self._resume: tuple[Phase, Role | None] | None = None  # phase left for waiting_for_model
 
     # --- run ---------------------------------------------------------------------
 
@@ -132,7 +150,8 @@ class SpecPipeline:
                 change, validation = await self._construct_and_validate(spec, plan)
                 outcome = "approved" if validation.approved else "change_rejected"
             if workspaces and outcome == "approved":
-                decision = await self._approval(inp)
+                gate = await self._gate(inp) if workflow.patched(LOOP_PATCH) else None
+                decision = await self._approval(inp, gate)
                 outcome = "delivered" if decision.approved else "rejected"
                 if decision.approved:
                     await self._deliver(inp)
@@ -152,7 +171,8 @@ class SpecPipeline:
                 repository=self._status.workspace.repo if self._status.workspace else None,
                 worktree=self._status.workspace.worktree if self._status.workspace else None,
                 review=self._status.review, cost=self._status.cost,
-                cost_by_role=self._status.cost_by_role, budget=self._status.budget)
+                cost_by_role=self._status.cost_by_role, budget=self._status.budget,
+                degraded=self._status.degraded, gate=self._status.gate)
         except (asyncio.CancelledError, ActivityError) as err:
             if isinstance(err, ActivityError) and not _cancelled(err):
                 await self._fail(f"{_reason(err)}")
@@ -294,11 +314,22 @@ class SpecPipeline:
         change = Change.model_validate(built.output)
         for round_no in range(1, self._limits.max_fix_rounds + 1):
             self._status.rounds["validate"] = round_no
-            self._set_phase(Phase.validating, Role.validator)
-            checked = await self._turn(
-                Role.validator, "validate", spec=spec, plan=render.plan(plan),
-                change=render.change(change))
-            validation = Validation.model_validate(checked.output)
+            report = await self._inspect(change)
+            if report is not None and report.empty:
+                # the constructor described a change it never wrote: nothing to validate, and
+                # never anything to deliver; it is told how its work reaches the repository
+                self._flag("change_not_made")
+                validation = Validation(approved=False, failures=[render.EMPTY_CHANGE])
+                checked = None
+            else:
+                if report is not None and report.declared_mismatch:
+                    self._flag("declared_files_differ")
+                self._set_phase(Phase.validating, Role.validator)
+                checked = await self._turn(
+                    Role.validator, "validate", spec=spec, plan=render.plan(plan),
+                    change=render.real_change(change, report) if report is not None
+                    else render.change(change))
+                validation = Validation.model_validate(checked.output)
             if validation.approved or round_no == self._limits.max_fix_rounds:
                 if not validation.approved:
                     self._flag("change_not_approved")
@@ -319,8 +350,87 @@ class SpecPipeline:
         self._turns[role] = self._turns.get(role, 0) + 1
         turn = self._turns[role]
         self._session_state(role, "running")
-        limits = self._limits
         began = workflow.now()
+        if workflow.patched(LOOP_PATCH):
+            result = await self._loop_turn(role, turn, kind, variables)
+        else:
+            found = await self._single_activity_turn(role, turn, kind, variables)
+            if found is None:  # it waited for a budget raise: the same turn again (its
+                self._turns[role] = turn - 1  # recorded steps are reused, not re-paid)
+                return await self._turn(role, kind, **variables)
+            result = found
+        self._session_state(role, "idle")
+        _stop_if_cancelled()
+        self._spent(result.spend)
+        self._status.usage = self._status.usage + result.usage
+        by_role = self._status.usage_by_role
+        by_role[role.value] = by_role[role.value] + result.usage if role.value in by_role else result.usage
+        if result.model not in self._status.models:
+            self._status.models.append(result.model)
+        if result.repaired:
+            self._flag(f"{role.value}_output_repaired")
+        if result.unsandboxed_checks:
+            self._flag("checks_ran_unsandboxed")
+        self._turn_event(role, turn, kind, result, (workflow.now() - began).total_seconds())
+        return result
+
+    async def _loop_turn(self, role: Role, turn: int, kind: str,
+                         variables: dict[str, str]) -> AgentTurnResult:
+        """The turn as a loop in workflow code; its output's provenance and taint recorded."""
+        tainted: list[str] = []
+        for source in INPUTS.get(kind, ()):
+            tainted += [s for s in self._taint.get(source, []) if s not in tainted]
+        try:
+            result = await agent_loop.run_turn(agent_loop.Turn(
+                spec_id=self._status.spec_id, role=role, turn=turn, kind=kind,
+                variables=variables, iteration=self._status.iteration,
+                workspace=self._status.workspace, limits=self._limits,
+                fallbacks=self._input.fallbacks(role), tainted_by=tainted,
+                waiting=self._waiting_for_model, budget=self._budget_now,
+                budget_wait=lambda err, raises: self._wait_for_budget(role, err, raises)))
+        except agent_loop.TurnFailed as failed:
+            self._session_state(role, "failed" if failed.session_failed else "idle")
+            raise SpecFailed(f"{role.value} turn {turn} failed: {failed}") from None
+        except ActivityError as err:
+            if _cancelled(err):
+                raise asyncio.CancelledError() from None
+            self._session_state(role, "failed" if _is_invalid_output(err) else "idle")
+            raise SpecFailed(f"{role.value} turn {turn} failed: {_reason(err)}") from None
+        self._taint[role] = agent_loop.taint_of(result)
+        prov = result.provenance
+        if prov is not None and prov.tainted and result.step_ids:
+            why = (f"answered by {prov.source.value} model {prov.model}"
+                   if prov.source != Source.primary else f"trust {prov.trust.value}")
+            if prov.tainted_by:
+                why = (why + "; " if prov.trust.value != "full" else "") + (
+                    "computed from degraded steps " + ", ".join(prov.tainted_by))
+            self._status.degraded.append(DegradedStep(
+                step_id=result.step_ids[-1], role=role, provenance=prov, reason=why))
+            self._flag("degraded_trajectory")
+            workflow.set_current_details(render.details(self._status))
+        return result
+
+    def _waiting_for_model(self, wait: ModelWait | None) -> None:
+        """Gate 1 found no model of the chain available (or one came back)."""
+        self._status.model_wait = wait
+        if wait is not None:
+            if self._status.phase != Phase.waiting_for_model:
+                self._resume = (self._status.phase, self._status.current_role)
+            self._status.waiting_for = (
+                f"the {wait.role.value}'s model {wait.model} to be available again "
+                f"(next attempt at {wait.next_attempt_at}; last error: {wait.last_error})")
+            self._set_phase(Phase.waiting_for_model, wait.role)
+        elif self._resume is not None:
+            self._status.waiting_for = None
+            phase, role = self._resume
+            self._resume = None
+            self._set_phase(phase, role)
+
+    async def _single_activity_turn(self, role: Role, turn: int, kind: str,
+                                    variables: dict[str, str]) -> AgentTurnResult | None:
+        """Before LOOP_PATCH: one `agent_turn` activity ran the whole turn (kept for replay).
+        None: the turn waited for a budget raise and must run again."""
+        limits = self._limits
         raises = self._budget_raises
         budget = self._budget if self._budget.usd is not None or self._budget.tokens is not None \
             else None
@@ -346,24 +456,10 @@ class SpecPipeline:
             if _cancelled(err):
                 raise asyncio.CancelledError() from None
             if _budget_exhausted(err):  # refused before paying: wait for a raise, then the
-                await self._wait_for_budget(role, err, raises)  # same turn again (its recorded
-                self._turns[role] = turn - 1                     # steps are reused, not re-paid)
-                return await self._turn(role, kind, **variables)
+                await self._wait_for_budget(role, err, raises)  # same turn again
+                return None
             self._session_state(role, "failed" if _is_invalid_output(err) else "idle")
             raise SpecFailed(f"{role.value} turn {turn} failed: {_reason(err)}") from None
-        self._session_state(role, "idle")
-        _stop_if_cancelled()
-        self._spent(result.spend)
-        self._status.usage = self._status.usage + result.usage
-        by_role = self._status.usage_by_role
-        by_role[role.value] = by_role[role.value] + result.usage if role.value in by_role else result.usage
-        if result.model not in self._status.models:
-            self._status.models.append(result.model)
-        if result.repaired:
-            self._flag(f"{role.value}_output_repaired")
-        if result.unsandboxed_checks:
-            self._flag("checks_ran_unsandboxed")
-        self._turn_event(role, turn, kind, result, (workflow.now() - began).total_seconds())
         return result
 
     def _turn_event(self, role: Role, turn: int, kind: str, result: AgentTurnResult,
@@ -381,7 +477,7 @@ class SpecPipeline:
             tools=uses[:50], verdict=verdict,
             detail=render.check_tail(getattr(result, "check_report", None)) if failed_check else None)
 
-    async def _review(self, validation: Validation, checked: AgentTurnResult) -> None:
+    async def _review(self, validation: Validation, checked: AgentTurnResult | None) -> None:
         """What the reviewer reads at approval: the verdict, the checks' tail and the validated
         change's diff, described by a worker (which has the repository)."""
         ws = self._status.workspace
@@ -412,6 +508,11 @@ class SpecPipeline:
                     + (f" · commit {review.commit[:12]}" if review.commit else ""))
 
     # --- cost and budget -------------------------------------------------------------------
+
+    def _budget_now(self) -> tuple[Budget | None, int]:
+        """The budget a model call is checked against (None: no limit), and the raises so far."""
+        limited = self._budget.usd is not None or self._budget.tokens is not None
+        return (self._budget if limited else None), self._budget_raises
 
     def _spent(self, spend: SpecCost | None) -> None:
         """The spec's cost as the newest turn (or open_spec) read it from the registry."""
@@ -513,6 +614,30 @@ class SpecPipeline:
                 raise asyncio.CancelledError() from None
             raise SpecFailed(f"workspace: {_reason(err)}") from None
 
+    async def _inspect(self, change: Change) -> ChangeReport | None:
+        """The branch's real change against the target (what the validator judges and what
+        lands), for runs with the loop in the workflow and a workspace."""
+        ws = self._status.workspace
+        if ws is None or not workflow.patched(LOOP_PATCH):
+            return None
+        try:
+            report = await through_outages(lambda: workflow.execute_activity(
+                "inspect_change",
+                InspectChangeInput(spec_id=self._status.spec_id, workspace=ws, commit=self._head,
+                                   declared=change.files,
+                                   destructive_share=self._limits.destructive_share,
+                                   hooks=[h.effect for h in self._input.hooks
+                                          if h.at == "deliver"]),
+                result_type=ChangeReport, summary="inspect the branch's change against "
+                                                  f"{ws.target}", **self._effect_options()),
+                "inspect change")
+        except ActivityError as err:
+            if _cancelled(err):
+                raise asyncio.CancelledError() from None
+            raise SpecFailed(f"workspace: {_reason(err)}") from None
+        self._status.change_report = report
+        return report
+
     async def _commit(self, built: AgentTurnResult, round_no: int) -> None:
         ws = self._status.workspace
         if ws is None:
@@ -571,8 +696,100 @@ class SpecPipeline:
                                              maximum_interval=timedelta(seconds=30),
                                              maximum_attempts=self._limits.effect_max_attempts))
 
-    async def _approval(self, inp: SpecInput) -> Decision:
-        if inp.auto_approve:
+    # --- Gate 2: before anything irreversible ---------------------------------------------
+
+    def _degraded_roots(self) -> list[str]:
+        """The unverified degraded steps the trajectory was computed from (not the last hop:
+        every step any output of this run carries in its taint)."""
+        verified = {d.step_id for d in self._status.degraded if d.verified_by}
+        roots: list[str] = []
+        for d in self._status.degraded:
+            own = [d.step_id] if d.provenance.trust.value != "full" else []
+            roots += [s for s in [*d.provenance.tainted_by, *own]
+                      if s not in roots and s not in verified]
+        return roots
+
+    async def _gate(self, inp: SpecInput) -> GateReport:
+        """Gate 2 before delivery: a clean trajectory proceeds; a tainted one is re-checked on
+        the primary (policy recheck) or goes to a person (policy human, or a re-check that
+        disagrees or cannot be made). Every decision is recorded in the registry."""
+        roots = self._degraded_roots()
+        report = self._status.change_report
+        gate = GateReport(policy=inp.gate_policy, tainted=bool(roots), degraded_steps=roots,
+                          destructive=list(report.destructive) if report else [])
+        self._status.gate = gate
+        reasons: list[str] = []
+        if gate.destructive:
+            # gate on risk, not on confidence: whatever the trajectory's trust or auto_approve
+            reasons.append("a destructive change always needs a person (gate on risk, not on "
+                           "confidence): " + "; ".join(gate.destructive))
+        if roots and inp.gate_policy == GatePolicy.recheck:
+            self._set_phase(Phase.rechecking, None)
+            for step_id in roots:
+                gate.rechecks.append(await self._recheck(step_id))
+            if all(r.agree for r in gate.rechecks):
+                for d in self._status.degraded:
+                    d.verified_by = "gate: re-checked on the primary"
+                gate.tainted = False
+                await self._record_gate(gate, "verified", "gate: re-check on the primary",
+                                        "every degraded step agreed with the primary",
+                                        key="deliver/recheck")
+            else:
+                for r in gate.rechecks:
+                    if r.agree is False:
+                        reasons.append(f"the re-check of {r.step_id} on the primary disagrees: "
+                                       + "; ".join(r.diff))
+                    elif r.agree is None:
+                        reasons.append(f"{r.step_id} could not be re-checked: {r.error}")
+        elif roots:
+            reasons.append("the trajectory is degraded (" + ", ".join(roots) + ") and the "
+                           "spec's gate policy is human")
+        if reasons:
+            gate.needs_human, gate.reason = True, "; ".join(reasons)
+            await self._record_gate(gate, "waiting", "gate", gate.reason, final=False)
+        elif not roots:
+            await self._record_gate(gate, "proceed", "gate: clean trajectory", "")
+        return gate
+
+    async def _recheck(self, step_id: str) -> RecheckResult:
+        role_name, turn, step = step_id.split("/")
+        role = Role(role_name)
+        session = next(s for s in self._status.sessions if s.role == role)
+        try:
+            return await through_outages(lambda: workflow.execute_activity(
+                "recheck_step",
+                RecheckInput(spec_id=self._status.spec_id, iteration=self._status.iteration,
+                             role=role, session_id=session.session_id, turn=int(turn[1:]),
+                             step=int(step[1:]), step_id=step_id, workspace=self._status.workspace,
+                             call_timeout_s=self._limits.model_call_timeout_s),
+                result_type=RecheckResult, summary=f"gate: re-check {step_id} on the primary",
+                start_to_close_timeout=timedelta(seconds=self._limits.turn_timeout_s),
+                heartbeat_timeout=timedelta(seconds=self._limits.heartbeat_timeout_s),
+                retry_policy=RetryPolicy(initial_interval=timedelta(seconds=1),
+                                         maximum_interval=timedelta(seconds=30),
+                                         maximum_attempts=self._limits.model_max_attempts),
+                cancellation_type=ActivityCancellationType.WAIT_CANCELLATION_COMPLETED),
+                f"re-check {step_id}")
+        except ActivityError as err:
+            if _cancelled(err):
+                raise asyncio.CancelledError() from None
+            return RecheckResult(step_id=step_id, role=role, error=_reason(err))
+
+    async def _record_gate(self, gate: GateReport, decision: str, by: str, reason: str, *,
+                           final: bool = True, key: str = "deliver") -> None:
+        at = await workflow.execute_activity(
+            "record_gate",
+            GateRecordInput(spec_id=self._status.spec_id, iteration=self._status.iteration,
+                            key=f"i{self._status.iteration}/gate/{key}", decision=decision,
+                            decided_by=by, reason=reason, steps=gate.degraded_steps),
+            result_type=str, summary=f"gate: {decision} ({by})", **BOOKKEEPING)
+        if final:
+            gate.decision, gate.decided_by, gate.decided_at = decision, by, at
+        else:
+            gate.decision = decision
+
+    async def _approval(self, inp: SpecInput, gate: GateReport | None = None) -> Decision:
+        if inp.auto_approve and (gate is None or not gate.needs_human):
             self._status.decision = Decision(approved=True, reviewer="policy: auto_approve")
             return self._status.decision
         ws = self._status.workspace
@@ -580,6 +797,8 @@ class SpecPipeline:
             f"approval to merge {ws.branch if ws else 'the change'} into "
             f"{ws.target if ws else 'the target'}: send the `approve` update "
             f"or `reject` with a reason")
+        if gate is not None and gate.needs_human:
+            self._status.waiting_for += f". A person must decide: {gate.reason}"
         self._set_phase(Phase.waiting_for_approval, None)
         await workflow.wait_condition(lambda: self._decision is not None)
         self._status.waiting_for = None
@@ -589,6 +808,10 @@ class SpecPipeline:
         self._event("decision", f"{'approved' if d.approved else 'rejected'} by "
                     f"{d.reviewer or 'a reviewer'}" + (f": {d.reason}" if d.reason else ""),
                     verdict="approved" if d.approved else "rejected")
+        if gate is not None and gate.needs_human:
+            who = f"human: {self._decision.reviewer or 'unnamed'}"
+            await self._record_gate(gate, "approved" if self._decision.approved else "rejected",
+                                    who, self._decision.reason or "", key="deliver/human")
         return self._decision
 
     async def _deliver(self, inp: SpecInput) -> None:

@@ -6,7 +6,7 @@ import json
 
 from typing import Any
 
-from relay.models import Change, Limits, Phase, Plan, Question, Review, Status, ToolUse
+from relay.models import Change, ChangeReport, Limits, Phase, Plan, Question, Review, Status, ToolUse
 
 
 def bullets(items: list[str]) -> str:
@@ -21,6 +21,25 @@ def plan(p: Plan) -> str:
 def change(c: Change) -> str:
     files = "\n\n".join(f"--- {f.path}\n{f.content}" for f in c.files) or "(no files)"
     return f"{c.summary}\n\n{files}"
+
+
+EMPTY_CHANGE = ("No file changed on the branch: the change you described did not happen. Only "
+                "what you write with write_file (or remove with delete_file) reaches the "
+                "repository; your submitted description is not applied. Write each file through "
+                "your tools, then submit the change again.")
+
+
+def real_change(c: Change, report: ChangeReport) -> str:
+    """What the validator judges: the branch's real diff against the target, with the
+    constructor's summary for context and any declared file that differs flagged."""
+    files = "\n".join(f"{f.status} {f.path} (+{f.added} -{f.removed})" for f in report.files)
+    parts = [f"The constructor's summary: {c.summary}",
+             f"Files changed on the branch (git, against the target):\n{files}"]
+    if report.declared_mismatch:
+        parts.append("WARNING: what the constructor declared differs from the branch:\n"
+                     + "\n".join(f"- {m}" for m in report.declared_mismatch))
+    parts.append(f"The diff:\n{report.diff}")
+    return "\n\n".join(parts)
 
 
 def answers(questions: list[Question], given: dict[str, str]) -> str:
@@ -114,9 +133,25 @@ def details(status: Status) -> str:
                      "(or from **Send a Signal** the signal `raise_budget_signal`) with JSON "
                      + " or ".join(f"`{p}`" for p in budget_payloads(status))
                      + "; the agent then goes on where it stopped, nothing paid twice.")
+    elif phase == Phase.waiting_for_model and status.model_wait:
+        w = status.model_wait
+        lines.append(f"Waiting for the {w.role.value}'s model `{w.model}`: no model of its chain "
+                     f"is available. Next attempt at {w.next_attempt_at}; last error: "
+                     f"{w.last_error}. Nothing to send: relay tries again by itself.")
     elif phase not in _ENDED:
         who = f"the {status.current_role.value}" if status.current_role else "relay"
         lines.append(f"Nothing to send now: {who} is working.")
+    if status.gate is not None and status.gate.needs_human:
+        lines.append(f"**Gate 2: a person must decide** — {status.gate.reason}")
+    if status.degraded:
+        lines.append("degraded trajectory:\n" + "\n".join(
+            f"- `{d.step_id}` {d.provenance.source.value}/{d.provenance.trust.value}"
+            f" ({d.provenance.model}): {d.reason}"
+            + (f" — verified by {d.verified_by}" if d.verified_by else "")
+            for d in status.degraded))
+    if status.gate is not None and status.gate.decision and not status.gate.needs_human:
+        lines.append(f"Gate 2: {status.gate.decision}"
+                     + (f" by {status.gate.decided_by}" if status.gate.decided_by else ""))
     if status.needs_human:
         lines.append("**needs a human**: compensation failed for "
                      + ", ".join(f"{e.effect} ({e.step})" for e in status.needs_human)
