@@ -73,4 +73,8 @@ async def test_sessions_view_shows_the_cache_read_share(relay, registry):
     whole = sum(s.input_tokens + s.cache_read_tokens + s.cache_write_tokens for s in rows)
     assert read > 0
     assert f"cached: {read / whole:.0%} of all input tokens were read from the prompt cache" in out
-    assert "of input from cache" in view.usage_text(result.usage)
+    shown = view.usage_text(result.usage)  # input counted whole, then its cache split
+    u = result.usage
+    whole = u.input_tokens + u.cache_read_input_tokens + u.cache_creation_input_tokens
+    assert f"tokens in {whole:,} (uncached {u.input_tokens:,}" in shown
+    assert "from cache)" in shown
