@@ -604,6 +604,7 @@ async def follow(rc: RelayClient, spec_id: str, answer_mode: str, *, address: st
     """
     state = state or FollowState(spec_id)
     interactive = answer_mode == "interactive" and sys.stdin.isatty()
+    await rc.status(spec_id)  # an unknown spec is one error line, before any "following"
     web_ui = rc.web_ui_url(spec_id)
     say(f"{spec_id}: following its progress" + (f" · Web UI: {web_ui}" if web_ui else ""))
     printer = view.ProgressPrinter(out, web_ui)
@@ -841,8 +842,9 @@ def auto_answers(questions: list[Question]) -> dict[str, str]:
 async def ask(questions: list[Question]) -> dict[str, str]:
     given = {}
     for q in questions:
-        text = ""
-        while not text.strip():
+        text = await read_line(f"[bold]{escape(q.id)}[/bold] {escape(q.text)}: ")
+        while not text.strip():  # said, not re-asked in silence
+            err.print("an answer is required (Ctrl-C stops)")
             text = await read_line(f"[bold]{escape(q.id)}[/bold] {escape(q.text)}: ")
         given[q.id] = text
     return given

@@ -211,8 +211,10 @@ async def test_unknown_spec_id_in_the_client(relay):
 async def test_unknown_spec_id_in_the_cli(relay, settings, args):
     """Every command on a spec that does not exist exits 1 with `error: unknown spec ...`."""
     sid = spec_id("nope")
-    message = cli_error(await cli(settings, *(a.format(sid=sid) for a in args)))
+    code, out, err = await cli(settings, *(a.format(sid=sid) for a in args))
+    message = cli_error((code, out, err))
     assert message.startswith(f"error: unknown spec '{sid}'")
+    assert "following" not in out  # nothing claims to follow a spec that is not there
 
 
 async def test_invalid_spec_id_is_refused(relay, settings):
