@@ -28,8 +28,8 @@ from relay.client import RelayClient
 from relay.models import REJECTED_KEPT, WORKFLOW_TYPE, Phase, Status, WorkspaceInput
 from tests.conftest import TERMINAL, snapshot, spec_id, until, wait_for, wait_for_questions
 
-SIGNALS = ("answer_signal", "approve_signal", "reject_signal")
-UPDATES = ("answer", "approve", "reject")
+SIGNALS = ("answer_signal", "approve_signal", "reject_signal", "raise_budget_signal")
+UPDATES = ("answer", "approve", "reject", "raise_budget")
 
 
 # A task the server refused because new signals arrived while it completed (or while it
