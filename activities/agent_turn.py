@@ -245,6 +245,33 @@ def _same_activity(owner: str, other: str) -> bool:
 BUDGET_EXHAUSTED = "BudgetExhausted"
 
 
+def refuse_over_budget(role: Role, turn: int, step: int, tokens: int, usd: float | None,
+                       budget: Any, spent_by_role: Any) -> None:
+    """Raise BudgetExhausted (benign, non-retryable) when the next call's estimate would take
+    the spec past its budget; one rule for the model_step activity and the legacy agent_turn."""
+    spent = spent_by_role  # the spec's spend, per role and in all
+    spent_tokens = spent.total.tokens + spent.total.possibly_billed_tokens
+    spent_usd = spent.total.usd + spent.total.possibly_billed_usd
+    over = []
+    if budget.tokens is not None and spent_tokens + tokens > budget.tokens:
+        over.append(f"{spent_tokens:,} tokens spent + {tokens:,} estimated > budget "
+                    f"{budget.tokens:,} tokens")
+    if budget.usd is not None and usd is not None and spent_usd + usd > budget.usd:
+        over.append(f"${spent_usd:.4f} spent + ${usd:.4f} estimated > budget "
+                    f"${budget.usd:.4f}")
+    if not over:
+        return
+    reason = (f"{role.value} turn {turn} step {step}: the next model call would "
+              f"exceed the spec's budget: " + "; ".join(over))
+    wait = BudgetWait(role=role, turn=turn, step=step, estimate_tokens=tokens,
+                      estimate_usd=usd, spent_tokens=spent_tokens, spent_usd=spent_usd,
+                      budget=budget, reason=reason, spend=spent)
+    log.warning("agent_turn.budget_exhausted", step=step, reason=reason)
+    # BENIGN: an expected pause, logged in one line by the SDK, no traceback, no failure metric
+    raise ApplicationError(reason, wait.model_dump(mode="json"), type=BUDGET_EXHAUSTED,
+                           non_retryable=True, category=ApplicationErrorCategory.BENIGN)
+
+
 class AgentTurnActivities:
     def __init__(self, registry: Registry, model_client: anthropic.AsyncAnthropic, model: str,
                  max_tokens: int = 4096, executor: EffectExecutor | None = None,
@@ -474,27 +501,8 @@ class AgentTurnActivities:
         if not limited:
             return
         assert budget is not None
-        spent = state.spent(inp.role)
-        spent_tokens = spent.total.tokens + spent.total.possibly_billed_tokens
-        spent_usd = spent.total.usd + spent.total.possibly_billed_usd
-        over = []
-        if budget.tokens is not None and spent_tokens + tokens > budget.tokens:
-            over.append(f"{spent_tokens:,} tokens spent + {tokens:,} estimated > budget "
-                        f"{budget.tokens:,} tokens")
-        if budget.usd is not None and usd is not None and spent_usd + usd > budget.usd:
-            over.append(f"${spent_usd:.4f} spent + ${usd:.4f} estimated > budget "
-                        f"${budget.usd:.4f}")
-        if not over:
-            return
-        reason = (f"{inp.role.value} turn {inp.turn} step {step}: the next model call would "
-                  f"exceed the spec's budget: " + "; ".join(over))
-        wait = BudgetWait(role=inp.role, turn=inp.turn, step=step, estimate_tokens=tokens,
-                          estimate_usd=usd, spent_tokens=spent_tokens, spent_usd=spent_usd,
-                          budget=budget, reason=reason, spend=spent)
-        log.warning("agent_turn.budget_exhausted", step=step, reason=reason)
-        # BENIGN: an expected pause, logged in one line by the SDK, no traceback, no failure metric
-        raise ApplicationError(reason, wait.model_dump(mode="json"), type=BUDGET_EXHAUSTED,
-                               non_retryable=True, category=ApplicationErrorCategory.BENIGN)
+        refuse_over_budget(inp.role, inp.turn, step, tokens, usd, budget,
+                           state.spent(inp.role))
 
     def _toolbox(self, inp: AgentTurnInput) -> ToolBox | None:
         if inp.workspace is None or self.executor is None:

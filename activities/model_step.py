@@ -50,6 +50,7 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError, ApplicationErrorCategory
 
 from activities.agent_turn import (
+    refuse_over_budget,
     BUDGET_EXHAUSTED, CHECK_REPORT_MAX, REFUSED, Exchange, _classify, _cut_at, _output_tool,
     _Pending, _refusal, _same_activity, _tool_results_for, _TurnState, _with_cache_breakpoint,
 )
@@ -285,27 +286,8 @@ class ModelStepActivities:
         if not limited:
             return
         assert budget is not None
-        spent = state.spent(inp.role)
-        spent_tokens = spent.total.tokens + spent.total.possibly_billed_tokens
-        spent_usd = spent.total.usd + spent.total.possibly_billed_usd
-        over = []
-        if budget.tokens is not None and spent_tokens + tokens > budget.tokens:
-            over.append(f"{spent_tokens:,} tokens spent + {tokens:,} estimated > budget "
-                        f"{budget.tokens:,} tokens")
-        if budget.usd is not None and usd is not None and spent_usd + usd > budget.usd:
-            over.append(f"${spent_usd:.4f} spent + ${usd:.4f} estimated > budget "
-                        f"${budget.usd:.4f}")
-        if not over:
-            return
-        reason = (f"{inp.role.value} turn {inp.turn} step {inp.step}: the next model call would "
-                  f"exceed the spec's budget: " + "; ".join(over))
-        wait = BudgetWait(role=inp.role, turn=inp.turn, step=inp.step, estimate_tokens=tokens,
-                          estimate_usd=usd, spent_tokens=spent_tokens, spent_usd=spent_usd,
-                          budget=budget, reason=reason, spend=spent)
-        log.warning("agent_turn.budget_exhausted", step=inp.step, reason=reason)
-        # BENIGN: an expected pause, logged in one line by the SDK, no traceback, no failure metric
-        raise ApplicationError(reason, wait.model_dump(mode="json"), type=BUDGET_EXHAUSTED,
-                               non_retryable=True, category=ApplicationErrorCategory.BENIGN)
+        refuse_over_budget(inp.role, inp.turn, inp.step, tokens, usd, budget,
+                           state.spent(inp.role))
 
     def _user(self, inp: ModelStepInput, prompt: prompts.RolePrompt,
               history: list[SessionMessage], tools: bool) -> list[dict[str, Any]]:
